@@ -1,0 +1,369 @@
+"""Typed configuration: dataclasses, strict YAML loading, ``a.b=value`` overrides.
+
+Every field has a type, a default and a one-line docstring (the string literal under it).
+Unknown keys and wrong types are errors that name the key and the file. ``validate``
+checks cross-field rules (heads divisible by kv heads, ...) before anything distributed
+happens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+ATTENTION_VARIANTS = ("vanilla", "sink", "gated")
+ATTENTION_BACKENDS = ("auto", "eager", "flex", "sdpa", "flash")
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the key (and file) it concerns."""
+
+
+@dataclass
+class ModelConfig:
+    attention: str = "sink"
+    """Attention variant: vanilla | sink | gated (DESIGN.md section 1)."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Number of query heads per layer (global, before tensor parallelism)."""
+    n_kv_heads: int = 0
+    """Number of key/value heads (grouped-query attention); 0 means n_heads."""
+    d_model: int = 128
+    """Hidden size."""
+    d_ff: int = 0
+    """SwiGLU inner size; 0 means 8/3 * d_model rounded up to ffn_multiple_of."""
+    ffn_multiple_of: int = 64
+    """Rounding of the automatic SwiGLU inner size."""
+    vocab_size: int = 512
+    """Vocabulary size (must cover the tokenizer's ids)."""
+    seq_len: int = 256
+    """Training sequence length in tokens."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output projection."""
+    attention_backend: str = "auto"
+    """Attention kernel: auto | eager | flex | sdpa | flash (see megasink/model/kernels.py)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weight matrices."""
+    sink_init: float = 0.0
+    """Initial value of the per-head sink logits (sink attention)."""
+    gate_bias_init: float = 0.0
+    """Initial bias of the headwise sigmoid gates (gated attention)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        hidden = int(8 * self.d_model / 3)
+        m = self.ffn_multiple_of
+        return m * ((hidden + m - 1) // m)
+
+
+@dataclass
+class AuxLossConfig:
+    coef: float = 1e-4
+    """lambda: weight of the CV^2 load-balancing loss; 0 disables it."""
+    shared_heads: Union[int, str] = 0
+    """Fine-tuning: top-m heads per layer kept out of the CV (a count), or an importance.json path."""
+    scale_by_heads: bool = False
+    """Multiply each layer's CV^2 by its number of routed heads (the paper's alternative
+    normalisation). The default lambdas (1e-4 from scratch, 1e-2 fine-tuning) refer to off."""
+    accumulation: str = "global"
+    """global: importance over the whole global batch (one no-grad importance pass when
+    gradient accumulation > 1); micro: over each micro-batch (global over DP ranks)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Number of optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (sets accumulation)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Final learning rate of the decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """Learning-rate schedule: cosine | wsd (warmup-stable-decay) | constant."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of the steps spent in the final decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases, sink logits, gate biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Gradient clipping by global norm; 0 disables it."""
+    precision: str = "fp32"
+    """fp32 | bf16."""
+    log_interval: int = 10
+    """Steps between metric lines."""
+    importance_interval: int = 50
+    """Steps between logging the full importance matrix (and its heatmap)."""
+    eval_interval: int = 0
+    """Steps between validation runs; 0 disables periodic validation."""
+    eval_steps: int = 10
+    """Batches per validation run."""
+    save_interval: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_last: int = 3
+    """Number of checkpoints kept."""
+    resume: str = "auto"
+    """auto (resume from run_dir's latest if any), none, or a checkpoint directory."""
+    seed: int = 1234
+    """Seed for initialisation and data order."""
+    max_nan_skips: int = 5
+    """Consecutive non-finite losses tolerated (step skipped) before stopping."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass to save memory."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class DataConfig:
+    path: list = field(default_factory=lambda: ["synthetic"])
+    """Dataset prefixes (``PREFIX`` or ``WEIGHT PREFIX`` entries) or ``synthetic``."""
+    valid_path: list = field(default_factory=list)
+    """Validation prefixes; empty means PREFIX_valid next to each training prefix when present."""
+    tokenizer: str = ""
+    """sentencepiece model used to build the data (recorded for export and bits-per-byte)."""
+    synthetic_docs: bool = True
+    """synthetic data: pack random-length documents (exercises document masking)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (heads sharded across ranks)."""
+    pp: int = 1
+    """Pipeline-parallel size (layers split into stages)."""
+    dp: int = 0
+    """Data-parallel size; 0 means world_size / (tp * pp)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    pp_micro_batches: int = 0
+    """Pipeline micro-batches per step; 0 means the gradient accumulation steps."""
+    timeout_s: int = 600
+    """Collective timeout: a rank that dies makes the others fail after this long."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
+    """Sink-aware auxiliary loss."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and loop."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    run_dir: str = "runs/default"
+    """Directory for config.yaml, metrics.jsonl, tensorboard/ and checkpoints/."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: '{key}' = {value!r} matches none of {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v] if "," in value else [value]
+    else:
+        return value
+    raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise ConfigError(
+                f"{where}: unknown key '{full}' (allowed under '{prefix.rstrip('.') or '<root>'}': "
+                f"{', '.join(sorted(names))})"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value or {}, full + ".", where)
+        else:
+            kwargs[key] = _coerce(value, tp, full, where)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, where: str = "<dict>") -> Config:
+    return _from_dict(Config, data or {}, "", where)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``a.b=value`` override to the raw dict (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key.path=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> Config:
+    """Load a YAML config (strict), apply ``a.b=value`` overrides, validate."""
+    data: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    for ov in overrides:
+        apply_override(data, ov)
+    if overrides:
+        where += f" (with overrides {' '.join(overrides)})"
+    cfg = config_from_dict(data, where)
+    validate(cfg, where)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from megasink.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def _check_choice(value: str, allowed: tuple, key: str, where: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {key} = {value!r} is not one of {', '.join(allowed)}")
+
+
+def validate_model(m: ModelConfig, where: str = "<config>") -> None:
+    _check_choice(m.attention, ATTENTION_VARIANTS, "model.attention", where)
+    _check_choice(m.attention_backend, ATTENTION_BACKENDS, "model.attention_backend", where)
+    for key in ("n_layers", "n_heads", "d_model", "vocab_size", "seq_len"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"{where}: model.{key} must be positive, got {getattr(m, key)}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"{where}: model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"{where}: head_dim={m.head_dim} must be even for RoPE")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(
+            f"{where}: model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads} "
+            "(grouped-query attention needs whole groups)"
+        )
+
+
+def validate(cfg: Config, where: str = "<config>") -> None:
+    """Cross-field checks that need no process group (the world size is checked later)."""
+    validate_model(cfg.model, where)
+    t, p, a = cfg.train, cfg.parallel, cfg.aux_loss
+    _check_choice(t.schedule, LR_SCHEDULES, "train.schedule", where)
+    _check_choice(t.precision, PRECISIONS, "train.precision", where)
+    _check_choice(a.accumulation, ("global", "micro"), "aux_loss.accumulation", where)
+    if a.coef < 0:
+        raise ConfigError(f"{where}: aux_loss.coef must be >= 0, got {a.coef}")
+    if isinstance(a.shared_heads, int) and not 0 <= a.shared_heads < cfg.model.n_heads - 1:
+        raise ConfigError(
+            f"{where}: aux_loss.shared_heads={a.shared_heads} must leave at least 2 routed heads "
+            f"of model.n_heads={cfg.model.n_heads}"
+        )
+    if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
+        raise ConfigError(f"{where}: train.micro_batch_size and train.global_batch_size must be positive")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    for key in ("tp", "pp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"{where}: parallel.{key} must be >= 1")
+    m = cfg.model
+    if m.n_heads % p.tp:
+        raise ConfigError(f"{where}: model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}")
+    if m.kv_heads % p.tp and p.tp % m.kv_heads:
+        raise ConfigError(
+            f"{where}: model.n_kv_heads={m.kv_heads} and parallel.tp={p.tp}: one must divide the other"
+        )
+    if m.n_layers % p.pp:
+        raise ConfigError(f"{where}: model.n_layers={m.n_layers} is not divisible by parallel.pp={p.pp}")
