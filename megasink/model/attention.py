@@ -1,0 +1,89 @@
+"""Grouped-query attention with the three gate variants of sink-aware training.
+
+Every head's output is scaled by a gate G[t, h] (DESIGN.md section 1):
+
+- vanilla: G = 1 - A[t, first token of t's document] = -expm1(s0 - lse), s0 = q_t . k_0 * scale.
+  Implicit: the output is plain softmax attention; G only measures how much the head does.
+- sink:    one learnable logit s_h per head joins the softmax with no value:
+           out = O * sigmoid(lse - s_h), G = sigmoid(lse - s_h) (the gpt-oss "sinks").
+- gated:   G = sigmoid(x_t . w_h + b_h), one scalar per head from extra q-projection columns,
+           out = O * G.
+
+The gates are returned as (B, nh_local, T) fp32 so importance.py can turn them into
+per-head importance. Head counts are inferred from the projection shapes (reshape with -1),
+so tensor parallelism only swaps in sharded linears and sharded sink/gate parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megasink.config import ATTENTION_VARIANTS, ModelConfig
+from megasink.model.kernels import SeqInfo, acc_dtype, attention_with_lse
+from megasink.model.layers import apply_rope
+
+
+def vanilla_gate(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, seq: SeqInfo, scale: float) -> torch.Tensor:
+    """1 - weight on the document's first token. q (B, nh, T, hd), k (B, nkv, T, hd), lse (B, nh, T)."""
+    B, nkv, T, hd = k.shape
+    idx = seq.first_idx[:, None, :, None].expand(B, nkv, T, hd)  # (B, nkv, T, hd)
+    k0 = torch.gather(k, 2, idx)  # key of each token's document start
+    k0 = k0.repeat_interleave(q.shape[1] // nkv, dim=1)  # (B, nh, T, hd)
+    acc = lse.dtype
+    s0 = (q.to(acc) * k0.to(acc)).sum(-1) * scale  # (B, nh, T)
+    return -torch.expm1(s0 - lse)
+
+
+def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """sigmoid(lse - s_h): the mass the real tokens keep against the sink. lse (B, nh, T)."""
+    return torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])
+
+
+def headwise_gate(gate_logits: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x . w_h + b_h). gate_logits (B, T, nh) -> (B, nh, T)."""
+    acc = acc_dtype(gate_logits.dtype)
+    return torch.sigmoid(gate_logits.to(acc) + gate_bias.to(acc)).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.attention not in ATTENTION_VARIANTS:
+            raise ValueError(f"model.attention={cfg.attention!r}; allowed: {', '.join(ATTENTION_VARIANTS)}")
+        self.variant = cfg.attention
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        # gated: each head's q block carries one extra column, its gate logit (hd + 1 per head),
+        # so splitting the q projection by head keeps every gate with its head.
+        self.q_cols = cfg.head_dim + (1 if self.variant == "gated" else 0)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.q_cols, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        if self.variant == "sink":
+            self.sinks = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.sink_init)))
+        if self.variant == "gated":
+            self.gate_bias = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_bias_init)))
+
+    def forward(self, x, cos, sin, seq: SeqInfo, backend: str):
+        """x (B, T, d) -> (y (B, T, d), gate (B, nh_local, T) fp32)."""
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.wq(x).view(B, T, -1, self.q_cols)  # (B, T, nh, hd[+1])
+        gate_logits = q[..., hd] if self.variant == "gated" else None  # (B, T, nh)
+        q = q[..., :hd]
+        k = self.wk(x).view(B, T, -1, hd)  # (B, T, nkv, hd)
+        v = self.wv(x).view(B, T, -1, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
+        out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
+        if self.variant == "vanilla":
+            gate = vanilla_gate(q, k, lse, seq, self.scale)
+        elif self.variant == "sink":
+            gate = sink_gate(lse, self.sinks)
+            out = out * gate[..., None].to(out.dtype)
+        else:
+            gate = headwise_gate(gate_logits, self.gate_bias)
+            out = out * gate[..., None].to(out.dtype)
+        y = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
+        return self.wo(y), gate

@@ -1,0 +1,95 @@
+"""Head importance, its coefficient of variation, and the sink-aware auxiliary loss.
+
+    Imp[l, h] = sum of G[t, h] over counted tokens / number of counted tokens
+    L_aux     = coef * sum_l CV(Imp[l, routed])^2          CV = population std / mean
+              ( * n_routed[l] per layer when scale_by_heads )
+
+Counted tokens: every non-padding token; for vanilla attention each document's first token
+(the sink itself, G = 0) is left out. Statistics are kept as *sums and counts* so that
+parallel code can add them over data-parallel ranks / micro-batches and gather heads over
+tensor-parallel ranks before the CV (DESIGN.md section 2): see ``aux_loss_and_grad``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megasink.model.kernels import SeqInfo
+
+_EPS = 1e-12
+
+
+def token_weights(seq: SeqInfo, variant: str) -> torch.Tensor:
+    """(B, T) fp32 1/0: which tokens count towards importance."""
+    w = seq.valid
+    if variant == "vanilla":
+        w = w & ~seq.is_doc_start()
+    return w.to(torch.get_default_dtype())
+
+
+def gate_sum(gate: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """gate (B, nh, T), weights (B, T) -> (nh,) sum of the gate over counted tokens."""
+    return torch.einsum("bht,bt->h", gate, weights.to(gate.dtype))
+
+
+def importance(gate_sums: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """gate_sums (L, H), count () -> Imp (L, H): mean gate per head."""
+    return gate_sums / count.clamp_min(1.0)
+
+
+def cv_squared(imp: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """imp (L, H), routed (L, H) bool -> CV^2 (L,) over each layer's routed heads."""
+    r = routed.to(imp.dtype)
+    n = r.sum(-1).clamp_min(1.0)  # (L,)
+    mean = (imp * r).sum(-1) / n
+    var = (((imp - mean[:, None]) * r) ** 2).sum(-1) / n  # population variance
+    return var / mean.pow(2).clamp_min(_EPS)
+
+
+def aux_loss(imp: torch.Tensor, routed: torch.Tensor, coef: float, scale_by_heads: bool = False) -> torch.Tensor:
+    """coef * sum_l CV(Imp[l, routed])^2 (times n_routed[l] with scale_by_heads)."""
+    per_layer = cv_squared(imp, routed)
+    if scale_by_heads:
+        per_layer = per_layer * routed.sum(-1).to(per_layer.dtype)
+    return coef * per_layer.sum()
+
+
+def aux_loss_and_grad(gate_sums: torch.Tensor, count: torch.Tensor, routed: torch.Tensor, coef: float,
+                      scale_by_heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """For *global* statistics: L_aux and dL_aux/d gate_sums (L, H), both detached.
+
+    Parallel code backpropagates ``(grad * local_gate_sums).sum()`` on each rank: the exact
+    gradient of the global loss, with each token's contribution counted once, wherever it is.
+    """
+    sums = gate_sums.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = aux_loss(importance(sums, count.detach().to(sums.dtype)), routed, coef, scale_by_heads)
+        (grad,) = torch.autograd.grad(loss, sums)
+    return loss.detach(), grad
+
+
+def top_m_shared(imp: torch.Tensor, m: int) -> torch.Tensor:
+    """(L, H) bool: the m most important heads of each layer (the shared heads)."""
+    mask = torch.zeros_like(imp, dtype=torch.bool)
+    if m > 0:
+        mask.scatter_(1, imp.topk(m, dim=-1).indices, True)
+    return mask
+
+
+def shared_mask_from_file(path: str | Path, n_layers: int, n_heads: int) -> torch.Tensor:
+    """(L, H) bool from an importance.json's ``shared_heads`` ([layers][m] head indices)."""
+    data = json.loads(Path(path).read_text())
+    if "shared_heads" not in data:
+        raise ValueError(f"{path}: no 'shared_heads' (write it with tools/diagnose_heads.py --top-m M)")
+    rows = data["shared_heads"]
+    if len(rows) != n_layers:
+        raise ValueError(f"{path}: shared_heads has {len(rows)} layers, the model has {n_layers}")
+    mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    for layer, heads in enumerate(rows):
+        for h in heads:
+            if not 0 <= int(h) < n_heads:
+                raise ValueError(f"{path}: layer {layer} names head {h}, the model has {n_heads} heads")
+            mask[layer, int(h)] = True
+    return mask

@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from megasink.config import ConfigError, load_config
+
+
+def test_tiny_configs_load(tmp_path):
+    for v in ("vanilla", "sink", "gated"):
+        cfg = load_config(f"configs/tiny-{v}.yaml")
+        assert cfg.model.attention == v
+    for size in ("0.6b", "1b", "2b"):
+        cfg = load_config(f"configs/{size}-sink.yaml")
+        assert cfg.model.n_heads % cfg.model.kv_heads == 0
+    paper = load_config("configs/0.6b-sink.yaml").model
+    assert (paper.n_layers, paper.n_heads, paper.d_model) == (20, 10, 1280)
+
+
+def test_overrides_convert_types():
+    cfg = load_config("configs/tiny-sink.yaml", ["model.n_layers=2", "aux_loss.coef=0.5", "train.progress=false",
+                                                 "data.path=[a, b]", "aux_loss.shared_heads=2"])
+    assert cfg.model.n_layers == 2 and cfg.aux_loss.coef == 0.5 and cfg.train.progress is False
+    assert cfg.data.path == ["a", "b"] and cfg.aux_loss.shared_heads == 2
+
+
+def _write(tmp_path, data):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = _write(tmp_path, {"model": {"n_layrs": 2}})
+    with pytest.raises(ConfigError, match=r"c\.yaml.*unknown key 'model\.n_layrs'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="unknown key 'train.stepz'"):
+        load_config("configs/tiny-sink.yaml", ["train.stepz=3"])
+
+
+def test_wrong_type_named(tmp_path):
+    with pytest.raises(ConfigError, match="'model.n_heads' must be int"):
+        load_config(_write(tmp_path, {"model": {"n_heads": "many"}}))
+
+
+def test_heads_not_divisible_by_kv_heads(tmp_path):
+    with pytest.raises(ConfigError, match="n_heads=6 is not divisible by model.n_kv_heads=4"):
+        load_config(_write(tmp_path, {"model": {"n_heads": 6, "n_kv_heads": 4, "d_model": 96}}))
+
+
+def test_unknown_variant(tmp_path):
+    with pytest.raises(ConfigError, match="model.attention = 'softmax' is not one of vanilla, sink, gated"):
+        load_config(_write(tmp_path, {"model": {"attention": "softmax"}}))
+
+
+def test_heads_not_divisible_by_tp():
+    with pytest.raises(ConfigError, match="n_heads=10 is not divisible by parallel.tp=4"):
+        load_config("configs/0.6b-sink.yaml", ["parallel.tp=4"])
