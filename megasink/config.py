@@ -142,6 +142,8 @@ class TrainConfig:
     """Recompute each block in the backward pass to save memory."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per process for MFU; 0 means from the GPU model (CPU: an assumed 0.5)."""
 
 
 @dataclass

@@ -51,6 +51,17 @@ class Block(nn.Module):
         return x, gate
 
 
+def cross_entropy(logits2d: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean LM cross-entropy over targets != -100, accumulated in fp32 (or fp64)."""
+    logits2d = logits2d.to(torch.promote_types(logits2d.dtype, torch.float32))
+    return F.cross_entropy(logits2d, targets, ignore_index=-100)
+
+
+def gather_heads(sums: torch.Tensor) -> torch.Tensor:
+    """Local -> global head statistics: the identity on one device (TP replaces it)."""
+    return sums
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, aux_cfg: Optional[AuxLossConfig] = None):
         super().__init__()
@@ -59,6 +70,8 @@ class Transformer(nn.Module):
         self.aux_coef = aux_cfg.coef
         self.scale_by_heads = aux_cfg.scale_by_heads
         self.activation_checkpointing = False
+        self.cross_entropy = cross_entropy  # vocabulary-parallel under TP
+        self.gather_heads = gather_heads  # differentiable all-gather over TP
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
@@ -110,7 +123,7 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, V)
 
     def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return self.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     def routed_mask(self) -> torch.Tensor:
         return ~self.shared_heads
@@ -121,6 +134,6 @@ class Transformer(nn.Module):
         h, sums, count = self.run_layers(self.embed(tokens), seq)
         logits = self.head(h)
         loss = self.lm_loss(logits, targets) if targets is not None else None
-        imp = imp_lib.importance(sums, count)
+        imp = imp_lib.importance(self.gather_heads(sums), count)
         aux = imp_lib.aux_loss(imp, self.routed_mask(), self.aux_coef, self.scale_by_heads)
         return ModelOutput(logits, loss, aux, imp, sums, count)

@@ -4,6 +4,7 @@ A checkpoint is a directory ``checkpoints/step_N/``::
 
     config.yaml          the resolved Config of the run
     model.safetensors    full (unsharded) fp32 weights, keyed like Transformer.state_dict()
+                         (with pipeline stages: model-stageK-of-P.safetensors, one per stage)
     optim.safetensors    full AdamW moments: "exp_avg/<name>", "exp_avg_sq/<name>" (training only)
     state.json           step, scheduler, data loader position, counters, optimizer step
     rng_rank{r}.pt       per-rank RNG states (loaded only under the same world size)
@@ -38,16 +39,35 @@ def step_dir_name(step: int) -> str:
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """A step directory from: a step directory, a checkpoints/ directory or a run directory."""
     p = Path(path)
-    if (p / "model.safetensors").exists():
+    if _is_complete(p):
         return p
     for ckpts in (p, p / "checkpoints"):
         if (ckpts / LATEST).exists():
             name = (ckpts / LATEST).read_text().strip()
             target = ckpts / name
-            if not (target / "model.safetensors").exists():
+            if not _is_complete(target):
                 raise FileNotFoundError(f"{ckpts / LATEST} names {name}, which is not a complete checkpoint")
             return target
     raise FileNotFoundError(f"no megasink checkpoint at {p} (expected model.safetensors or a 'latest' pointer)")
+
+
+def _is_complete(p: Path) -> bool:
+    return p.is_dir() and not p.name.endswith(".tmp") and any(p.glob("model*.safetensors"))
+
+
+def load_model_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """All model tensors of a checkpoint, merged over pipeline-stage files."""
+    out: dict = {}
+    for f in sorted(Path(ckpt_dir).glob("model*.safetensors")):
+        out.update(load_tensors(f))
+    return out
+
+
+def load_optim_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict = {}
+    for f in sorted(Path(ckpt_dir).glob("optim*.safetensors")):
+        out.update(load_tensors(f))
+    return out
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
@@ -130,7 +150,7 @@ def load_full_model(path: str | os.PathLike, map_location: str = "cpu"):
     ckpt = resolve_checkpoint_dir(path)
     cfg = load_config(ckpt / "config.yaml")
     model = Transformer(cfg.model, cfg.aux_loss)
-    sd = load_tensors(ckpt / "model.safetensors")
+    sd = load_model_tensors(ckpt)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed_missing = {"output.weight"} if cfg.model.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:

@@ -1,0 +1,21 @@
+"""``megasink`` console script: ``megasink train CONFIG.yaml [a.b=value ...]``."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"train": "megasink.train.main"}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: megasink {train} ...\n\n  train CONFIG.yaml [key=value ...]   train a model (megasink train -h)",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""DeepSpeed setup from the megasink config, and layout-independent optimizer state.
+
+``build_engine`` wraps the (already parallelised) model in a DeepSpeed engine: AdamW with
+no weight decay on norms, biases, sink logits and gate biases, the LR schedule, ZeRO
+stage, precision and gradient clipping all come from the YAML. On a machine without GPUs
+DeepSpeed runs on its CPU accelerator over gloo.
+
+``full_param`` / ``full_optim_state`` read, and ``set_full_param`` / ``set_full_optim_state``
+write, one parameter's fp32 master value and AdamW moments as *local-shard-shaped* tensors
+whatever the ZeRO stage, so checkpoints can be written in full and loaded into any layout.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from megasink.config import Config
+from megasink.parallel.dims import ParallelDims
+
+NO_DECAY_SUFFIXES = ("sinks", "gate_bias", "bias")
+
+
+def import_deepspeed():
+    """Import deepspeed for this machine: the CPU accelerator without GPUs, no shm op build."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import logging
+
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 44 s g++ build
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; norms (1-D), biases, sink logits, gate biases do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": dims.grad_accum_steps(cfg),
+        "train_batch_size": t.global_batch_size,
+        # DeepSpeed clips at 1.0 unless told: 0.0 really switches it off (DESIGN.md section 4)
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims, lr_lambda: Callable[[int], float]):
+    """(engine, optimizer, scheduler) for `model` under `dims`."""
+    deepspeed = import_deepspeed()
+    t = cfg.train
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                            eps=1e-8, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, dims), mpu=dims,
+        dist_init_required=False,
+    )
+    return engine, optimizer, scheduler
+
+
+# ------------------------------------------------------------------ optimizer state, any ZeRO
+
+
+def _base_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _uses_hp_mapping(engine) -> bool:
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+
+
+def full_param(engine, p: torch.nn.Parameter) -> torch.Tensor:
+    """fp32 master value of p, shaped like the (TP-local) parameter. Collective under ZeRO-3."""
+    if _uses_hp_mapping(engine):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).detach().clone()
+    return p.detach().float().clone()
+
+
+def full_optim_state(engine, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
+    if _uses_hp_mapping(engine):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        v = safe_get_full_optimizer_state(p, key)
+        return None if v is None else v.detach().clone()
+    st = engine.optimizer.state.get(p, {})
+    return st[key].detach().clone() if key in st else None
+
+
+def set_full_param(engine, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    if _uses_hp_mapping(engine):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.to(torch.float32))
+    else:
+        with torch.no_grad():
+            p.copy_(value)
+
+
+def set_full_optim_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    if _uses_hp_mapping(engine):
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        safe_set_full_optimizer_state(p, value.to(torch.float32), key)
+    else:
+        engine.optimizer.state[p][key].copy_(value)
+
+
+def ensure_optimizer_state(engine) -> None:
+    """Create AdamW's state (zero moments) without changing any weight: one step at lr 0 on
+    zero gradients. Needed before moments can be loaded into a fresh optimizer."""
+    base = _base_optimizer(engine)
+    params = [p for g in base.param_groups for p in g["params"]]
+    if all(p in base.state and "exp_avg" in base.state[p] for p in params):
+        return
+    saved = [(g["lr"], g["weight_decay"]) for g in base.param_groups]
+    for g in base.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    base.step()
+    for p in params:
+        p.grad = None
+    for g, (lr, wd) in zip(base.param_groups, saved):
+        g["lr"], g["weight_decay"] = lr, wd
+
+
+def optimizer_step_count(engine) -> int:
+    base = _base_optimizer(engine)
+    for st in base.state.values():
+        if "step" in st:
+            return int(st["step"])
+    return 0
+
+
+def set_optimizer_step_count(engine, step: int) -> None:
+    base = _base_optimizer(engine)
+    for st in base.state.values():
+        if "step" in st:
+            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step

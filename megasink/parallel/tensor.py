@@ -1,0 +1,232 @@
+"""Megatron-style tensor parallelism, applied to a plain model from outside.
+
+Column-parallel linears (q/k/v with the gated variant's gate columns, MLP w1/w3, the output
+head over the vocabulary) split their output features by rank; row-parallel linears (wo,
+w2) split their input features and all-reduce the output. Each layer therefore does
+Megatron's two forward all-reduces (after wo, after w2), the embedding one more, and the
+vocabulary-parallel cross-entropy three small ones per token. Sink logits and gate biases
+live on the rank that owns their heads.
+
+Every sharded parameter carries ``tp_shard_dim`` (and DeepSpeed's ``tensor_model_parallel``)
+so checkpoints can be regathered and resliced (megasink/train/state.py).
+
+Per-head statistics: ``GatherHeads`` is the one differentiable all-gather of gate sums over
+the TP group; its backward keeps only this rank's slice, so the gradient of a loss computed
+identically on every TP rank reaches each head once, on its owner.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megasink.parallel.dims import ParallelDims
+
+
+# --------------------------------------------------------------------------- collectives
+class CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient over TP (Megatron's "f")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward; identity backward (Megatron's "g")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class GatherHeads(torch.autograd.Function):
+    """(L, H_local) -> (L, H) all-gathered over TP; backward keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group, rank, size):
+        ctx.rank, ctx.n = rank, x.shape[1]
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)  # size x (L, H_local)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[:, ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].contiguous(), None, None, None
+
+
+# --------------------------------------------------------------------------- layers
+def _mark(p: nn.Parameter, dim: int) -> nn.Parameter:
+    p.tp_shard_dim = dim
+    p.tensor_model_parallel = True
+    p.partition_dim = dim
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T, W split by output features (rows of W)."""
+
+    def __init__(self, full: nn.Linear, dims: ParallelDims):
+        super().__init__()
+        self.group = dims.group("tp")
+        w = full.weight.detach().chunk(dims.tp, dim=0)[dims.tp_rank]  # (out/tp, in)
+        self.weight = _mark(nn.Parameter(w.clone()), 0)
+
+    def forward(self, x):
+        return F.linear(CopyToTP.apply(x, self.group), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local W_local^T), W split by input features (columns of W)."""
+
+    def __init__(self, full: nn.Linear, dims: ParallelDims):
+        super().__init__()
+        self.group = dims.group("tp")
+        w = full.weight.detach().chunk(dims.tp, dim=1)[dims.tp_rank]  # (out, in/tp)
+        self.weight = _mark(nn.Parameter(w.clone()), 1)
+
+    def forward(self, x):
+        return ReduceFromTP.apply(F.linear(x, self.weight), self.group)
+
+
+class ReplicatedHeadsLinear(nn.Module):
+    """kv projection when there are fewer kv heads than TP ranks: the full weight on every
+    rank, each rank computing only the kv heads its query heads use. Every rank's weight
+    gradient is partial, so it is all-reduced over TP (CopyToTP on the weight)."""
+
+    def __init__(self, full: nn.Linear, dims: ParallelDims, n_kv: int, n_q: int, head_dim: int):
+        super().__init__()
+        self.group = dims.group("tp")
+        self.weight = nn.Parameter(full.weight.detach().clone())  # (n_kv * hd, in), replicated
+        q_local = n_q // dims.tp
+        first_q = dims.tp_rank * q_local
+        kv = first_q // (n_q // n_kv)  # the one kv head this rank's query heads share
+        self.rows = slice(kv * head_dim, (kv + 1) * head_dim)
+
+    def forward(self, x):
+        w = CopyToTP.apply(self.weight, self.group)[self.rows]
+        return F.linear(CopyToTP.apply(x, self.group), w)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, full: nn.Embedding, dims: ParallelDims):
+        super().__init__()
+        self.group = dims.group("tp")
+        V = full.weight.shape[0]
+        self.v_local = V // dims.tp
+        self.start = dims.tp_rank * self.v_local
+        w = full.weight.detach()[self.start:self.start + self.v_local]  # (V/tp, d)
+        self.weight = _mark(nn.Parameter(w.clone()), 0)
+
+    def forward(self, ids):
+        outside = (ids < self.start) | (ids >= self.start + self.v_local)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
+        return ReduceFromTP.apply(out, self.group)
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over vocabulary-sharded logits; no rank holds the full vocabulary.
+
+    logits (N, V/tp), targets (N,) -> per-token loss (N,) (0 where target == -100)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, start):
+        logits = logits.float()
+        vmax = logits.max(dim=-1).values
+        dist.all_reduce(vmax, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - vmax[:, None]
+        v_local = logits.shape[1]
+        outside = (targets < start) | (targets >= start + v_local)
+        local = (targets - start).masked_fill(outside, 0)
+        picked = shifted.gather(1, local[:, None])[:, 0].masked_fill(outside, 0.0)
+        dist.all_reduce(picked, group=group)
+        exp = shifted.exp()
+        sum_exp = exp.sum(-1)
+        dist.all_reduce(sum_exp, group=group)
+        ignore = targets == -100
+        loss = (sum_exp.log() - picked).masked_fill(ignore, 0.0)
+        ctx.save_for_backward(exp / sum_exp[:, None], local, outside, ignore)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local, outside, ignore = ctx.saved_tensors
+        grad = softmax.clone()
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local] -= (~outside).to(grad.dtype)
+        grad = grad * g.masked_fill(ignore, 0.0)[:, None]
+        return grad, None, None, None
+
+
+class VocabParallelLoss(nn.Module):
+    def __init__(self, dims: ParallelDims, v_local: int):
+        super().__init__()
+        self.group, self.start = dims.group("tp"), dims.tp_rank * v_local
+
+    def forward(self, logits2d, targets):
+        per_token = VocabParallelCrossEntropy.apply(logits2d, targets, self.group, self.start)
+        n = (targets != -100).sum().clamp_min(1)
+        return per_token.sum() / n
+
+
+class HeadGather(nn.Module):
+    def __init__(self, dims: ParallelDims):
+        super().__init__()
+        self.group, self.rank, self.size = dims.group("tp"), dims.tp_rank, dims.tp
+
+    def forward(self, sums):
+        return GatherHeads.apply(sums, self.group, self.rank, self.size)
+
+
+# --------------------------------------------------------------------------- apply
+def _shard_head_param(p: nn.Parameter, dims: ParallelDims) -> nn.Parameter:
+    return _mark(nn.Parameter(p.detach().chunk(dims.tp, dim=0)[dims.tp_rank].clone()), 0)
+
+
+def _parallelize_attention(attn, cfg, dims: ParallelDims) -> None:
+    attn.wq = ColumnParallelLinear(attn.wq, dims)  # heads (with their gate columns) split
+    if cfg.kv_heads % dims.tp == 0:
+        attn.wk, attn.wv = ColumnParallelLinear(attn.wk, dims), ColumnParallelLinear(attn.wv, dims)
+    else:
+        args = (dims, cfg.kv_heads, cfg.n_heads, cfg.head_dim)
+        attn.wk, attn.wv = ReplicatedHeadsLinear(attn.wk, *args), ReplicatedHeadsLinear(attn.wv, *args)
+    attn.wo = RowParallelLinear(attn.wo, dims)
+    for name in ("sinks", "gate_bias"):
+        if hasattr(attn, name):
+            setattr(attn, name, _shard_head_param(getattr(attn, name), dims))
+
+
+def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    """Replace the model's layers by TP shards of the same weights (in place)."""
+    cfg = model.cfg
+    if cfg.vocab_size % dims.tp:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} is not divisible by parallel.tp={dims.tp}")
+    for block in model.layers.values():
+        _parallelize_attention(block.attention, cfg, dims)
+        ff = block.feed_forward
+        ff.w1, ff.w3, ff.w2 = ColumnParallelLinear(ff.w1, dims), ColumnParallelLinear(ff.w3, dims), \
+            RowParallelLinear(ff.w2, dims)
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, dims)
+    if cfg.tie_embeddings:
+        model.output = ColumnParallelLinear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device="meta"), dims)
+        model.output.weight = model.tok_embeddings.weight  # the same vocabulary shard
+    else:
+        model.output = ColumnParallelLinear(model.output, dims)
+    model.cross_entropy = VocabParallelLoss(dims, cfg.vocab_size // dims.tp)
+    model.gather_heads = HeadGather(dims)
+    return model

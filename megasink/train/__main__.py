@@ -1,0 +1,5 @@
+import sys
+
+from megasink.train.main import main
+
+sys.exit(main())

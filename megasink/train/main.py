@@ -1,0 +1,123 @@
+"""``megasink train CONFIG.yaml [a.b=value ...]``: set up the layout, model, data and run.
+
+Runs as one process, or under torchrun / srun / the deepspeed launcher. Everything that
+can be checked without a process group (config keys and types, layout against the world
+size, data paths) is checked first, so a bad launch fails by name before any collective.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megasink.config import Config, ConfigError, load_config
+
+EPILOG = """examples:
+  megasink train configs/tiny-sink.yaml
+  megasink train configs/tiny-sink.yaml train.steps=50 aux_loss.coef=0 run_dir=runs/noaux
+  torchrun --nproc_per_node 2 -m megasink.train configs/tiny-sink.yaml parallel.zero_stage=1
+"""
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="megasink train", description="Train a sink-aware decoder-only LM (DeepSpeed; CPU/gloo or GPU/NCCL).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config (see configs/); unknown keys are errors")
+    ap.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100 parallel.tp=2")
+    return ap.parse_args(argv)
+
+
+def check_data(cfg: Config) -> None:
+    """Fail early, by name, on data paths that do not exist."""
+    from megasink.data import check_data_paths
+
+    check_data_paths(cfg.data)
+
+
+def _rank0_print(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
+    """Fine-tuning: mark the shared heads (excluded from the CV) before training starts."""
+    from megasink.model import importance as imp_lib
+
+    m = cfg.aux_loss.shared_heads
+    if isinstance(m, str) and m:
+        model.shared_heads.copy_(imp_lib.shared_mask_from_file(m, cfg.model.n_layers, cfg.model.n_heads))
+    elif isinstance(m, int) and m > 0:
+        from megasink.data import build_loader
+
+        loader = build_loader(train_ds, cfg.train.micro_batch_size, dims.dp_rank, dims.dp, cfg.train.seed)
+        with torch.no_grad():
+            b = loader.next_batch()
+            out = model(b["tokens"], b["doc_ids"])
+        sums, count = out.gate_sums.clone(), out.gate_count.clone().reshape(1)
+        if dims.dp > 1:
+            dist.all_reduce(sums, group=dims.group("dp"))
+            dist.all_reduce(count, group=dims.group("dp"))
+        model.shared_heads.copy_(imp_lib.top_m_shared(imp_lib.importance(sums, count[0]), m))
+    if model.shared_heads.any():
+        _rank0_print(f"[megasink] shared heads per layer: {[row.nonzero().flatten().tolist() for row in model.shared_heads]}")
+
+
+def build_everything(cfg: Config, dims):
+    from megasink.data import build_dataset, build_loader
+    from megasink.model.transformer import Transformer
+    from megasink.parallel.parallelize import parallelize
+    from megasink.train.trainer import Trainer
+
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model, cfg.aux_loss)  # same weights on every rank: sliced by parallelize
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    m = cfg.model
+    train_ds = build_dataset(cfg.data, m.seq_len, m.vocab_size, cfg.train.seed, split="train")
+    from megasink.train.state import find_resume_dir
+
+    if find_resume_dir(cfg) is None:
+        setup_shared_heads(model, cfg, dims, train_ds)
+    model = parallelize(model, cfg, dims)
+    loader = build_loader(train_ds, cfg.train.micro_batch_size, dims.dp_rank, dims.dp, cfg.train.seed)
+    valid_ds = None
+    if cfg.train.eval_interval or cfg.data.valid_path or cfg.data.path != ["synthetic"]:
+        try:
+            valid_ds = build_dataset(cfg.data, m.seq_len, m.vocab_size, cfg.train.seed, split="valid")
+        except FileNotFoundError as e:
+            _rank0_print(f"[megasink] no validation split: {e}")
+    return Trainer(cfg, dims, model, loader, valid_ds)
+
+
+def run(cfg: Config, where: str = "<config>") -> dict:
+    """Train under the current launch environment; tears the process group down at the end."""
+    from megasink.parallel.dims import init_distributed, teardown_distributed
+
+    check_data(cfg)
+    dims = init_distributed(cfg, where)
+    try:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        return build_everything(cfg, dims).run()
+    finally:
+        teardown_distributed()
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg, args.config)
+    except ConfigError as e:
+        print(f"megasink: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"megasink: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Metrics: metrics.jsonl, TensorBoard scalars and images, importance heatmaps, MFU.
+
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (DESIGN.md
+section 3): step, loss, aux_loss, lr, grad_norm, tokens_per_s, mfu, cv [layers], and at its
+own interval importance [layers][heads]; validation steps add val_loss and val_bpb.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megasink.config import ModelConfig
+
+# Dense bf16 peak FLOP/s by device name fragment; CPU is an assumption (stated in the log).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
+CPU_ASSUMED_PEAK = 0.5e12
+
+
+def peak_flops(configured_tflops: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s per process, where the number comes from)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12, "train.peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, val in PEAK_FLOPS.items():
+            if key in name:
+                return val, f"{name} bf16 dense peak"
+        return 312e12, f"{name}: unknown, assumed A100-class 312 TFLOP/s"
+    return CPU_ASSUMED_PEAK, "CPU: assumed 0.5 TFLOP/s per process (set train.peak_tflops)"
+
+
+def flops_per_token(m: ModelConfig) -> float:
+    """Training FLOPs per token: 6 N (all matmul weights, incl. the output layer, excl. the
+    input embedding) + 12 L d T for attention scores and values (PaLM's formula)."""
+    hd, d = m.head_dim, m.d_model
+    q_cols = m.n_heads * (hd + (1 if m.attention == "gated" else 0))
+    attn = d * q_cols + 2 * d * m.kv_heads * hd + m.n_heads * hd * d
+    mlp = 3 * d * m.ffn_dim
+    n = m.n_layers * (attn + mlp) + d * m.vocab_size
+    return 6 * n + 12 * m.n_layers * d * m.seq_len
+
+
+def save_importance_heatmap(imp, cv, path: str | os.PathLike, title: str = "") -> None:
+    """PNG heatmap: layers x heads importance, each row labelled with its CV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imp = torch.as_tensor(imp, dtype=torch.float32)
+    L, H = imp.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * H + 2.5), max(2.5, 0.35 * L + 1.5)))
+    im = ax.imshow(imp.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer (CV)")
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    ax.set_yticklabels([f"{i} ({float(c):.3f})" for i, c in enumerate(cv)])
+    ax.set_title(title or "head importance (mean gate)")
+    fig.colorbar(im, ax=ax, label="importance")
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.tb = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                except ImportError:  # tensorboard is optional at run time
+                    self.tb = None
+
+    def log(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **record}
+        self._file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, val in record.items():
+                if isinstance(val, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"train/{key}" if not key.startswith("val") else f"valid/{key}", val, step)
+            for i, c in enumerate(record.get("cv", [])):
+                self.tb.add_scalar(f"cv/layer_{i}", c, step)
+
+    def log_importance(self, step: int, imp: torch.Tensor, cv: torch.Tensor) -> Optional[Path]:
+        if not self.enabled:
+            return None
+        path = self.run_dir / "importance.png"
+        save_importance_heatmap(imp, cv, path, title=f"head importance, step {step}")
+        if self.tb is not None:
+            import matplotlib.image as mpimg
+
+            img = torch.from_numpy(mpimg.imread(path)[..., :3].copy())  # (H, W, 3)
+            self.tb.add_image("importance/heatmap", img, step, dataformats="HWC")
+        return path
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self.tb is not None:
+                self.tb.close()

@@ -1,0 +1,138 @@
+"""Saving and restoring a training run under any parallel layout.
+
+Writes the layout-independent format of ``checkpoint.py``: every parameter and its AdamW
+moments as full tensors. Each pipeline stage's first rank (tp_rank 0, dp_rank 0) writes
+its stage's tensors into ``step_N.tmp``; rank 0 writes state.json, then renames the
+directory and updates ``latest`` after everyone has finished (so ``latest`` never names a
+partial checkpoint). Loading slices each rank's shard out of the full tensors, so a run
+saved with tp=2 x pp=2 resumes with tp=1 x pp=1 and back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megasink.config import Config, save_config
+from megasink.parallel import engine as eng
+from megasink.parallel.dims import ParallelDims
+from megasink.train import checkpoint as ckpt
+from megasink.utils import atomic_write_text, fsync_dir
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _gather_tp(t: torch.Tensor, p: torch.nn.Parameter, dims: ParallelDims) -> torch.Tensor:
+    """Local shard -> full tensor along the parameter's tp_shard_dim (replicated: as is)."""
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is None or dims.tp == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dims.tp)]
+    dist.all_gather(parts, t.contiguous(), group=dims.group("tp"))  # tp x local shard
+    return torch.cat(parts, dim=dim)
+
+
+def _slice_tp(full: torch.Tensor, p: torch.nn.Parameter, dims: ParallelDims) -> torch.Tensor:
+    dim = getattr(p, "tp_shard_dim", None)
+    if dim is None or dims.tp == 1:
+        return full
+    return full.chunk(dims.tp, dim=dim)[dims.tp_rank].contiguous()
+
+
+def _named_params(engine):
+    return list(engine.module.named_parameters())
+
+
+def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, state: dict,
+                        keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    root = Path(cfg.run_dir) / "checkpoints"
+    final = root / ckpt.step_dir_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = {}, {}
+    for name, p in _named_params(engine):  # collective under ZeRO (all ranks, same order)
+        model_sd[name] = _gather_tp(eng.full_param(engine, p), p, dims)
+        for key in MOMENTS:
+            v = eng.full_optim_state(engine, p, key)
+            if v is not None:
+                optim_sd[f"{key}/{name}"] = _gather_tp(v, p, dims)
+    for name, buf in engine.module.named_buffers():
+        if name == "shared_heads":
+            model_sd[name] = buf
+    writer = dims.tp_rank == 0 and dims.dp_rank == 0
+    suffix = "" if dims.pp == 1 else f"-stage{dims.pp_rank}-of-{dims.pp}"
+    if writer:
+        ckpt.save_tensors(tmp / f"model{suffix}.safetensors", model_sd)
+        if optim_sd:
+            ckpt.save_tensors(tmp / f"optim{suffix}.safetensors", optim_sd)
+    torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        state = {**state, "step": step, "optimizer_step": eng.optimizer_step_count(engine),
+                 "world_size": dims.world_size, "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}}
+        atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
+        save_config(cfg, tmp / "config.yaml")
+        if cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
+            shutil.copyfile(cfg.data.tokenizer, tmp / "tokenizer.model")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        ckpt.update_latest(root, final.name)  # last: the checkpoint is complete
+        ckpt.prune_checkpoints(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def load_training_state(engine, ckpt_dir: Path, dims: ParallelDims) -> dict:
+    """Collective: load weights, moments, step counts, RNG into the engine; return state.json."""
+    model_sd = ckpt.load_model_tensors(ckpt_dir)
+    optim_sd = ckpt.load_optim_tensors(ckpt_dir)
+    state = json.loads((ckpt_dir / "state.json").read_text()) if (ckpt_dir / "state.json").exists() else {}
+    if optim_sd:
+        eng.ensure_optimizer_state(engine)
+    for name, p in _named_params(engine):
+        if name not in model_sd:
+            raise KeyError(f"{ckpt_dir}: parameter {name} missing from the checkpoint")
+        eng.set_full_param(engine, p, _slice_tp(model_sd[name], p, dims))
+        for key in MOMENTS if optim_sd else ():
+            eng.set_full_optim_state(engine, p, key, _slice_tp(optim_sd[f"{key}/{name}"], p, dims))
+    for name, buf in engine.module.named_buffers():
+        if name == "shared_heads" and name in model_sd:
+            buf.copy_(model_sd[name])
+    if optim_sd and "optimizer_step" in state:
+        eng.set_optimizer_step_count(engine, state["optimizer_step"])
+    rng = ckpt_dir / f"rng_rank{dist.get_rank()}.pt"
+    if rng.exists() and state.get("world_size") == dims.world_size:
+        st = torch.load(rng, weights_only=True)
+        torch.set_rng_state(st["torch"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state(st["cuda"])
+    return state
+
+
+def find_resume_dir(cfg: Config) -> Optional[Path]:
+    r = cfg.train.resume
+    if r == "none":
+        return None
+    if r == "auto":
+        return ckpt.latest_checkpoint(cfg.run_dir)
+    return ckpt.resolve_checkpoint_dir(r)
