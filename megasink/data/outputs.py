@@ -1,0 +1,149 @@
+"""File names of a preprocessed corpus, sharded writing, and the all-or-nothing commit.
+
+For an output prefix ``P``::
+
+    P.bin, P.idx                 training documents (no --shard-size)
+    P_00000.bin, P_00000.idx...  training shards (with --shard-size)
+    P_valid.bin, P_valid.idx     held-out validation documents (--valid-fraction > 0)
+    P.meta.json                  tokenizer, options, counts (written last)
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import numpy as np
+
+from megasink.data.indexed import IndexedDatasetWriter, bin_path, idx_path
+
+SHARD_DIGITS = 5
+
+
+class OutputExistsError(FileExistsError):
+    """The output prefix already has files and --overwrite was not given."""
+
+
+def shard_prefix(prefix: str, index: int) -> str:
+    return f"{prefix}_{index:0{SHARD_DIGITS}d}"
+
+
+def valid_prefix(prefix: str) -> str:
+    return f"{prefix}_valid"
+
+
+def meta_path(prefix: str) -> str:
+    return f"{prefix}.meta.json"
+
+
+def find_shards(prefix: str) -> list[str]:
+    """Prefixes ``P_00000``, ``P_00001``, ... that have an ``.idx`` file, in order."""
+    pattern = re.compile(re.escape(os.path.basename(prefix)) + r"_(\d{%d})\.idx$" % SHARD_DIGITS)
+    found = []
+    for path in glob.glob(glob.escape(prefix) + "_" + "[0-9]" * SHARD_DIGITS + ".idx"):
+        m = pattern.search(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path[: -len(".idx")]))
+    return [p for _, p in sorted(found)]
+
+
+def existing_outputs(prefix: str) -> list[str]:
+    """Files at ``prefix`` that a preprocessing run would write (or has written)."""
+    names = [bin_path(prefix), idx_path(prefix), meta_path(prefix)]
+    names += [bin_path(valid_prefix(prefix)), idx_path(valid_prefix(prefix))]
+    found = [p for p in names if os.path.exists(p)]
+    for ext in (".bin", ".idx"):
+        found += sorted(glob.glob(glob.escape(prefix) + "_" + "[0-9]" * SHARD_DIGITS + ext))
+    return found
+
+
+def check_output_prefix(prefix: str, overwrite: bool) -> None:
+    """Refuse to write over an existing corpus unless ``overwrite``."""
+    found = existing_outputs(prefix)
+    if found and not overwrite:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise OutputExistsError(
+            f"output prefix {prefix} already exists ({shown}); pass --overwrite to replace it "
+            "or choose another --output-prefix"
+        )
+
+
+class ShardedWriter:
+    """Indexed-dataset writer that starts a new shard after ``shard_tokens`` tokens.
+
+    ``shard_tokens == 0`` writes one file at ``prefix``; otherwise shards ``prefix_00000``,
+    ``prefix_00001``, ... where a shard closes after the document that brings it to
+    ``shard_tokens`` or more (documents are never split).
+    """
+
+    def __init__(self, prefix: str, dtype, shard_tokens: int = 0):
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype)
+        self.shard_tokens = int(shard_tokens)
+        first = shard_prefix(prefix, 0) if self.shard_tokens else prefix
+        self.writers = [IndexedDatasetWriter(first, self.dtype)]
+
+    @property
+    def prefixes(self) -> list[str]:
+        return [w.prefix for w in self.writers]
+
+    @property
+    def num_documents(self) -> int:
+        return sum(w.num_documents for w in self.writers)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(w.num_tokens for w in self.writers)
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents (flat ``tokens``, per-document ``lengths``) in order."""
+        if not self.shard_tokens:
+            self.writers[0].add_documents(tokens, lengths)
+            return
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)  # (n+1,) token offsets
+        np.cumsum(lengths, out=offsets[1:])
+        start = 0
+        while start < len(lengths):
+            current = self.writers[-1]
+            if current.num_tokens >= self.shard_tokens:
+                current = IndexedDatasetWriter(shard_prefix(self.prefix, len(self.writers)), self.dtype)
+                self.writers.append(current)
+            room = self.shard_tokens - current.num_tokens
+            # documents start..stop-1 go here; the one that crosses the limit is included
+            reach = offsets[start + 1 :] - offsets[start]
+            stop = start + min(int(np.searchsorted(reach, room, side="left")) + 1, len(lengths) - start)
+            current.add_documents(tokens[offsets[start] : offsets[stop]], lengths[start:stop])
+            start = stop
+
+    def finalize(self) -> None:
+        for w in self.writers:
+            w.finalize()
+
+    def commit(self) -> None:
+        for w in self.writers:
+            w.commit()
+
+    def abort(self) -> None:
+        for w in self.writers:
+            w.abort()
+
+    def output_files(self) -> list[str]:
+        return [f for p in self.prefixes for f in (bin_path(p), idx_path(p))]
+
+
+def commit_outputs(prefix: str, writers: list, meta_text: str, overwrite: bool) -> list[str]:
+    """Move finished files into place: stale outputs removed, data renamed, meta.json last."""
+    from megasink.utils import atomic_write_text, fsync_dir
+
+    new_files = [f for w in writers for f in w.output_files()] + [meta_path(prefix)]
+    stale = [f for f in existing_outputs(prefix) if f not in new_files or f == meta_path(prefix)]
+    if stale and not overwrite:  # appeared while this run was working
+        check_output_prefix(prefix, overwrite)
+    # meta.json goes first so that no reader sees an old meta next to new data
+    for path in sorted(stale, key=lambda p: p != meta_path(prefix)):
+        os.unlink(path)
+    for w in writers:
+        w.commit()
+    atomic_write_text(meta_path(prefix), meta_text)
+    fsync_dir(os.path.dirname(os.path.abspath(prefix)))
+    return new_files

@@ -1,0 +1,425 @@
+"""Tokenize a corpus into Megatron indexed datasets (the library behind tools/preprocess_data.py).
+
+Pipeline: the main process reads raw records in chunks (:mod:`megasink.data.sources`) and
+hands them to ``workers`` processes, which decode and validate the text, apply the
+filters, encode with sentencepiece, append EOS and assign each document to the train or
+validation split; the main process writes the results in input order, so the output is
+the same bytes for any number of workers.
+
+Outputs for ``--output-prefix P``: ``P.bin/.idx`` (or shards ``P_00000.*``, ...),
+``P_valid.bin/.idx`` when ``valid_fraction > 0``, and ``P.meta.json``. Everything is
+written under temporary names and renamed at the end, ``P.meta.json`` last.
+
+Validation split: a document goes to validation when a hash of its UTF-8 text falls
+below ``valid_fraction``: independent of input order, filters and workers, and exact
+duplicates always land on the same side.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from typing import Iterator, Optional
+
+import numpy as np
+
+from megasink.data.indexed import token_dtype
+from megasink.data.outputs import (
+    OutputExistsError,
+    ShardedWriter,
+    check_output_prefix,
+    commit_outputs,
+    valid_prefix,
+)
+from megasink.data.sources import Chunk, ReadOptions, check_source, expand_inputs, iter_chunks
+
+SKIP_REASONS = (
+    "invalid_json",
+    "missing_text",
+    "not_text",
+    "invalid_utf8",
+    "empty",
+    "missing_score",
+    "low_int_score",
+    "low_score",
+    "too_short",
+    "too_few_tokens",
+)
+
+
+@dataclass
+class PreprocessConfig:
+    """Options of one preprocessing run (all of them are recorded in ``P.meta.json``)."""
+
+    inputs: list
+    """Files, directories or globs (parquet, jsonl[.gz|.zst], datasets save_to_disk folders)."""
+    tokenizer_model: str
+    """sentencepiece ``.model`` file."""
+    output_prefix: str
+    """Output prefix P (writes P.bin/P.idx or P_00000.*, P_valid.*, P.meta.json)."""
+    text_key: str = "text"
+    """Column / JSON key holding the document text."""
+    workers: int = 1
+    """Tokenizer processes; 0 tokenizes in the main process (no multiprocessing)."""
+    valid_fraction: float = 0.0
+    """Fraction of documents held out for validation (by text hash)."""
+    shard_size: int = 0
+    """Tokens per training shard (a shard closes after the document that reaches it); 0: one file."""
+    min_int_score: Optional[int] = None
+    """Keep documents with int_score >= this (FineWeb-Edu's educational threshold is 3)."""
+    min_score: Optional[float] = None
+    """Keep documents with score >= this."""
+    min_chars: int = 0
+    """Skip documents shorter than this many characters."""
+    min_tokens: int = 0
+    """Skip documents with fewer tokens than this (EOS not counted)."""
+    max_docs: int = 0
+    """Read at most this many input records (0: all)."""
+    split: str = "train"
+    """Split to read from a datasets DatasetDict folder."""
+    append_eos: bool = True
+    """Append the tokenizer's EOS id to every document."""
+    prepend_bos: bool = False
+    """Prepend the tokenizer's BOS id to every document."""
+    overwrite: bool = False
+    """Replace existing outputs at the prefix."""
+    chunk_docs: int = 256
+    """Records per work item sent to a worker."""
+    progress: bool = True
+    """Show a progress bar (docs/s, tokens/s) on stderr."""
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0
+    tokens: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class PreprocessResult:
+    """Counts of one run plus its wall time (the time is not written to meta.json)."""
+
+    read: int = 0
+    train: SplitStats = field(default_factory=SplitStats)
+    valid: SplitStats = field(default_factory=SplitStats)
+    skipped: Counter = field(default_factory=Counter)
+    outputs: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.train.tokens + self.valid.tokens
+
+
+# --------------------------------------------------------------------------- workers
+
+_WORKER: dict = {}
+
+
+@dataclass(frozen=True)
+class _WorkerOptions:
+    text_key: str
+    dtype: str
+    min_int_score: Optional[int]
+    min_score: Optional[float]
+    min_chars: int
+    min_tokens: int
+    valid_fraction: float
+    eos_id: int  # -1: do not append
+    bos_id: int  # -1: do not prepend
+
+
+@dataclass
+class ChunkResult:
+    """Documents kept from one chunk: flat tokens, per-document lengths / bytes / split."""
+
+    tokens: np.ndarray  # (sum(lengths),) token dtype
+    lengths: np.ndarray  # (n_kept,) int64, EOS/BOS included
+    nbytes: np.ndarray  # (n_kept,) int64, UTF-8 bytes of the text
+    is_valid: np.ndarray  # (n_kept,) bool
+    read: int
+    skipped: Counter
+
+
+def _init_worker(model_proto: bytes, opts: _WorkerOptions) -> None:
+    import sentencepiece as spm
+
+    _WORKER["sp"] = spm.SentencePieceProcessor(model_proto=model_proto)
+    _WORKER["opts"] = opts
+
+
+def _record_fields(chunk: Chunk, i: int, opts: _WorkerOptions, skipped: Counter):
+    """(text, int_score, score) of record i, or None after counting why it is skipped."""
+    if chunk.kind == "jsonl":
+        try:
+            rec = json.loads(chunk.records[i])
+        except UnicodeDecodeError:
+            skipped["invalid_utf8"] += 1
+            return None
+        except ValueError:
+            skipped["invalid_json"] += 1
+            return None
+        if not isinstance(rec, dict):
+            skipped["invalid_json"] += 1
+            return None
+        if rec.get(opts.text_key) is None:
+            skipped["missing_text"] += 1
+            return None
+        return rec[opts.text_key], rec.get("int_score"), rec.get("score")
+    value = chunk.records[i]
+    if value is None:
+        skipped["missing_text"] += 1
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped["invalid_utf8"] += 1
+            return None
+    int_score = chunk.int_scores[i] if chunk.int_scores is not None else None
+    score = chunk.scores[i] if chunk.scores is not None else None
+    return value, int_score, score
+
+
+def _keep(text, int_score, score, opts: _WorkerOptions, skipped: Counter) -> Optional[bytes]:
+    """UTF-8 bytes of ``text`` if it passes validation and the filters, else None (counted)."""
+    if not isinstance(text, str):
+        skipped["not_text"] += 1
+        return None
+    try:
+        raw = text.encode("utf-8")  # lone surrogates from JSON escapes fail here
+    except UnicodeEncodeError:
+        skipped["invalid_utf8"] += 1
+        return None
+    if not text.strip():
+        skipped["empty"] += 1
+        return None
+    if opts.min_int_score is not None:
+        if not isinstance(int_score, (int, float)):
+            skipped["missing_score"] += 1
+            return None
+        if int_score < opts.min_int_score:
+            skipped["low_int_score"] += 1
+            return None
+    if opts.min_score is not None:
+        if not isinstance(score, (int, float)):
+            skipped["missing_score"] += 1
+            return None
+        if score < opts.min_score:
+            skipped["low_score"] += 1
+            return None
+    if len(text) < opts.min_chars:
+        skipped["too_short"] += 1
+        return None
+    return raw
+
+
+def is_valid_document(raw: bytes, valid_fraction: float) -> bool:
+    """Validation-split membership of a document from a hash of its UTF-8 bytes."""
+    if valid_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+    return h < valid_fraction * 2.0**64
+
+
+def process_chunk(chunk: Chunk) -> ChunkResult:
+    """Decode, validate, filter and encode one chunk (runs in a worker process)."""
+    sp, opts = _WORKER["sp"], _WORKER["opts"]
+    skipped: Counter = Counter()
+    ids_list, nbytes, valid = [], [], []
+    for i in range(len(chunk.records)):
+        fields = _record_fields(chunk, i, opts, skipped)
+        raw = None if fields is None else _keep(*fields, opts, skipped)
+        if raw is None:
+            continue
+        ids = sp.encode(fields[0])
+        if len(ids) < max(opts.min_tokens, 1):
+            skipped["too_few_tokens"] += 1
+            continue
+        if opts.bos_id >= 0:
+            ids.insert(0, opts.bos_id)
+        if opts.eos_id >= 0:
+            ids.append(opts.eos_id)
+        ids_list.append(ids)
+        nbytes.append(len(raw))
+        valid.append(is_valid_document(raw, opts.valid_fraction))
+    lengths = np.fromiter(map(len, ids_list), dtype=np.int64, count=len(ids_list))
+    total = int(lengths.sum())
+    tokens = np.fromiter(chain.from_iterable(ids_list), dtype=opts.dtype, count=total)
+    return ChunkResult(
+        tokens, lengths, np.asarray(nbytes, dtype=np.int64), np.asarray(valid, dtype=bool), len(chunk.records), skipped
+    )
+
+
+def _run_chunks(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iterator[ChunkResult]:
+    """Results of ``process_chunk`` in input order, with a bounded number of chunks in flight."""
+    if workers <= 0:
+        _init_worker(*init_args)
+        for chunk in chunks:
+            yield process_chunk(chunk)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # safe when the caller already started threads (torch)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(process_chunk, (chunk,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _check_config(cfg: PreprocessConfig) -> None:
+    if not 0.0 <= cfg.valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction={cfg.valid_fraction} must be in [0, 1)")
+    for key in ("workers", "shard_size", "min_chars", "min_tokens", "max_docs"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 0")
+    if cfg.chunk_docs <= 0:
+        raise ValueError(f"chunk_docs={cfg.chunk_docs} must be positive")
+
+
+def _worker_options(cfg: PreprocessConfig, tok: dict, dtype: np.dtype) -> _WorkerOptions:
+    if cfg.append_eos and tok["eos_id"] < 0:
+        raise ValueError(f"tokenizer {cfg.tokenizer_model} has no EOS id; retrain it with an eos_id")
+    if cfg.prepend_bos and tok["bos_id"] < 0:
+        raise ValueError(f"tokenizer {cfg.tokenizer_model} has no BOS id")
+    return _WorkerOptions(
+        text_key=cfg.text_key,
+        dtype=dtype.name,
+        min_int_score=cfg.min_int_score,
+        min_score=cfg.min_score,
+        min_chars=cfg.min_chars,
+        min_tokens=cfg.min_tokens,
+        valid_fraction=cfg.valid_fraction,
+        eos_id=tok["eos_id"] if cfg.append_eos else -1,
+        bos_id=tok["bos_id"] if cfg.prepend_bos else -1,
+    )
+
+
+def _write_result(res: ChunkResult, train: ShardedWriter, valid: Optional[ShardedWriter], out: PreprocessResult) -> None:
+    """Append one chunk's documents to the train / valid writers and update the counts."""
+    out.read += res.read
+    out.skipped.update(res.skipped)
+    token_is_valid = np.repeat(res.is_valid, res.lengths)  # (n_tokens,) split of every token
+    for split, writer, doc_mask, tok_mask in (
+        (out.train, train, ~res.is_valid, ~token_is_valid),
+        (out.valid, valid, res.is_valid, token_is_valid),
+    ):
+        if not doc_mask.any():
+            continue
+        writer.add_documents(res.tokens[tok_mask], res.lengths[doc_mask])
+        split.documents += int(doc_mask.sum())
+        split.tokens += int(res.lengths[doc_mask].sum())
+        split.bytes += int(res.nbytes[doc_mask].sum())
+
+
+def _meta(cfg: PreprocessConfig, tok: dict, dtype: np.dtype, sources, writers, out: PreprocessResult) -> str:
+    """Contents of P.meta.json: deterministic (no times, no worker count)."""
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("output_prefix", "workers", "progress", "overwrite", "chunk_docs")}
+    splits = {}
+    for name, stats, writer in (("train", out.train, writers[0]), ("valid", out.valid, writers[1])):
+        if writer is None:
+            continue
+        splits[name] = {
+            "prefixes": [os.path.basename(p) for p in writer.prefixes],
+            "documents": stats.documents,
+            "tokens": stats.tokens,
+            "bytes": stats.bytes,
+            "bytes_per_token": stats.bytes / stats.tokens if stats.tokens else None,
+        }
+    meta = {
+        "format": "megatron-indexed-v1",
+        "dtype": dtype.name,
+        "tokenizer": tok,
+        "inputs": [s.path for s in sources],
+        "options": options,
+        "documents_read": out.read,
+        "skipped": {k: out.skipped[k] for k in SKIP_REASONS if out.skipped.get(k)},
+        "splits": splits,
+        "notes": "tokens include the EOS appended to each document; bytes are UTF-8 bytes of the kept texts",
+    }
+    return json.dumps(meta, indent=2) + "\n"
+
+
+def _progress(cfg: PreprocessConfig, total: Optional[int]):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="doc", disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+
+
+def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
+    """Run the whole pipeline for ``cfg``; returns counts and wall time."""
+    from megasink.data.tokenizer import tokenizer_info
+
+    start = time.perf_counter()
+    _check_config(cfg)
+    check_output_prefix(cfg.output_prefix, cfg.overwrite)
+    sources = expand_inputs(cfg.inputs)
+    read_opts = ReadOptions(
+        text_key=cfg.text_key,
+        need_int_score=cfg.min_int_score is not None,
+        need_score=cfg.min_score is not None,
+        split=cfg.split,
+        chunk_docs=cfg.chunk_docs,
+    )
+    counts = [check_source(s, read_opts) for s in sources]  # fails early on bad inputs
+    total = None if None in counts else sum(counts)
+    if total is not None and cfg.max_docs:
+        total = min(total, cfg.max_docs)
+    tok = tokenizer_info(cfg.tokenizer_model)
+    dtype = token_dtype(tok["vocab_size"])
+    with open(cfg.tokenizer_model, "rb") as f:
+        init_args = (f.read(), _worker_options(cfg, tok, dtype))
+    out = PreprocessResult()
+    train = ShardedWriter(cfg.output_prefix, dtype, cfg.shard_size)
+    valid = ShardedWriter(valid_prefix(cfg.output_prefix), dtype) if cfg.valid_fraction > 0 else None
+    writers = [w for w in (train, valid) if w is not None]
+    bar = _progress(cfg, total)
+    try:
+        chunks = iter_chunks(sources, read_opts, cfg.max_docs)
+        for res in _run_chunks(chunks, cfg.workers, init_args):
+            _write_result(res, train, valid, out)
+            bar.update(res.read)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{out.tokens / elapsed:,.0f} tok/s", refresh=False)
+        if out.train.documents == 0:
+            raise ValueError(
+                f"no training document was kept from {out.read} records "
+                f"(skipped: {dict(out.skipped) or 'none'}); check --text-key and the filters"
+            )
+        for w in writers:
+            w.finalize()
+        meta = _meta(cfg, tok, dtype, sources, (train, valid), out)
+        out.outputs = commit_outputs(cfg.output_prefix, writers, meta, cfg.overwrite)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        bar.close()
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def summary_line(out: PreprocessResult) -> str:
+    """One human-readable line of counts and throughput."""
+    rate = out.read / out.seconds if out.seconds else 0.0
+    tok_rate = out.tokens / out.seconds if out.seconds else 0.0
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(out.skipped.items())) or "none"
+    return (
+        f"read {out.read:,} documents; train {out.train.documents:,} docs / {out.train.tokens:,} tokens; "
+        f"valid {out.valid.documents:,} docs / {out.valid.tokens:,} tokens; skipped: {skipped}; "
+        f"{out.seconds:.1f}s ({rate:,.0f} docs/s, {tok_rate:,.0f} tokens/s)"
+    )

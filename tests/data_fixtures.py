@@ -1,0 +1,112 @@
+"""Helpers for the data tests: FineWeb-Edu-shaped inputs and a tiny sentencepiece model.
+
+Inputs are written here with pyarrow / json directly (not through megasink), in the schema
+FineWeb-Edu publishes: text, id, dump, url, file_path, language, language_score,
+token_count, score, int_score. The tokenizer is trained once per test process from
+standard-library docstrings (no download) and cached in a temporary directory.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import gzip
+import json
+import os
+import random
+import sysconfig
+import tempfile
+
+FINEWEB_EDU_COLUMNS = [
+    "text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score",
+]
+_MODULES = ["textwrap", "json/__init__", "argparse", "collections/__init__", "functools", "random", "string", "csv"]
+
+
+@functools.lru_cache(maxsize=None)
+def data_docstring_corpus() -> tuple:
+    """Docstrings of a few standard-library modules (a few hundred English paragraphs)."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for mod in _MODULES:
+        with open(os.path.join(root, mod + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 60:
+                    docs.append(doc)
+    return tuple(docs)
+
+
+def data_documents(n: int, seed: int = 0) -> list[str]:
+    """n varied documents built from the docstring corpus (some multi-line, some non-ASCII)."""
+    corpus = data_docstring_corpus()
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        parts = rng.sample(corpus, k=rng.randint(1, 3))
+        text = "\n\n".join(parts)
+        if i % 7 == 3:
+            text += " Café, naïve — 東京 ✓"
+        docs.append(text)
+    return docs
+
+
+def data_records(docs: list[str], int_scores=None) -> list[dict]:
+    """FineWeb-Edu rows for ``docs``; int_score cycles 0..5 unless given."""
+    rows = []
+    for i, text in enumerate(docs):
+        s = int_scores[i] if int_scores is not None else i % 6
+        rows.append({
+            "text": text, "id": f"<urn:uuid:{i:08x}-0000-4000-8000-000000000000>", "dump": "CC-MAIN-2024-18",
+            "url": f"http://example.com/{i}", "file_path": "s3://commoncrawl/crawl-data/x.warc.gz",
+            "language": "en", "language_score": 0.9, "token_count": len(text.split()), "score": s + 0.4,
+            "int_score": s,
+        })
+    return rows
+
+
+def data_write_parquet(path, rows: list[dict], text_type=None, row_group_size: int = 50) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {c: [r[c] for r in rows] for c in rows[0]} if rows else {c: [] for c in FINEWEB_EDU_COLUMNS}
+    arrays = {}
+    for c, values in columns.items():
+        if c == "text" and text_type is not None:
+            arrays[c] = pa.array(values, type=text_type)
+        else:
+            arrays[c] = pa.array(values)
+    pq.write_table(pa.table(arrays), str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+def data_write_jsonl(path, rows: list[dict]) -> str:
+    """JSON lines; compressed by the suffix (.gz, .zst). Rows may be pre-encoded bytes lines."""
+    lines = [r if isinstance(r, bytes) else (json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rows]
+    payload = b"".join(lines)
+    path = str(path)
+    if path.endswith(".gz"):
+        payload = gzip.compress(payload, mtime=0)
+    elif path.endswith(".zst"):
+        import zstandard
+
+        payload = zstandard.ZstdCompressor().compress(payload)
+    with open(path, "wb") as f:
+        f.write(payload)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def data_tokenizer_model() -> str:
+    """Path of a tiny BPE sentencepiece model (vocab 512, byte fallback, eos=2), trained once."""
+    import sentencepiece as spm
+
+    out = tempfile.mkdtemp(prefix="megasink-data-tok-")
+    lines = [line for doc in data_docstring_corpus() for line in doc.split("\n") if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=os.path.join(out, "tok"), vocab_size=512, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2, num_threads=1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+    )
+    return os.path.join(out, "tok.model")

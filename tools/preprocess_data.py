@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Tokenize FineWeb-Edu (parquet), JSON lines or a saved `datasets` folder into Megatron
+indexed datasets: PREFIX.bin/.idx (or PREFIX_00000.* shards), PREFIX_valid.* and
+PREFIX.meta.json. A thin CLI over megasink.data.preprocess (see README "Data workflow").
+
+    python tools/preprocess_data.py --input data/fineweb-edu/*.parquet \\
+        --tokenizer-model tok/fwe32k.model --output-prefix data/fwe/fwe \\
+        --min-int-score 3 --valid-fraction 0.001 --shard-size 1G --workers 16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megasink.data.preprocess import PreprocessConfig, preprocess, summary_line  # noqa: E402
+
+
+def parse_size(text: str) -> int:
+    """'1000', '500K', '100M', '2G' (powers of 1000) -> int."""
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    t = text.strip().upper()
+    try:
+        if t and t[-1] in scale:
+            return int(float(t[:-1]) * scale[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1000, 500K, 100M or 2G") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="parquet/jsonl[.gz|.zst] files, directories, globs, or a datasets save_to_disk folder")
+    p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX_valid.*, PREFIX.meta.json")
+    p.add_argument("--text-key", default="text", help="column / JSON key of the text (default: text)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes (0: in the main process)")
+    p.add_argument("--valid-fraction", type=float, default=0.0, help="fraction of documents held out as PREFIX_valid (by text hash)")
+    p.add_argument("--shard-size", type=parse_size, default=0, help="tokens per training shard, e.g. 1G (default: one file)")
+    p.add_argument("--min-int-score", type=int, default=None, help="keep int_score >= N (FineWeb-Edu: 3)")
+    p.add_argument("--min-score", type=float, default=None, help="keep score >= X")
+    p.add_argument("--min-chars", type=int, default=0, help="skip documents shorter than N characters")
+    p.add_argument("--min-tokens", type=int, default=0, help="skip documents with fewer than N tokens")
+    p.add_argument("--max-docs", type=parse_size, default=0, help="read at most N input documents")
+    p.add_argument("--split", default="train", help="split of a DatasetDict folder (default: train)")
+    p.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
+    p.add_argument("--prepend-bos", action="store_true", help="prepend BOS to each document")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
+    p.add_argument("--chunk-docs", type=int, default=256, help="documents per work item")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = PreprocessConfig(
+        inputs=args.input,
+        tokenizer_model=args.tokenizer_model,
+        output_prefix=args.output_prefix,
+        text_key=args.text_key,
+        workers=args.workers,
+        valid_fraction=args.valid_fraction,
+        shard_size=args.shard_size,
+        min_int_score=args.min_int_score,
+        min_score=args.min_score,
+        min_chars=args.min_chars,
+        min_tokens=args.min_tokens,
+        max_docs=args.max_docs,
+        split=args.split,
+        append_eos=not args.no_eos,
+        prepend_bos=args.prepend_bos,
+        overwrite=args.overwrite,
+        chunk_docs=args.chunk_docs,
+        progress=not args.no_progress,
+    )
+    try:
+        out = preprocess(cfg)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary_line(out), file=sys.stderr)
+    for path in out.outputs:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
