@@ -70,6 +70,8 @@ def test_reads_megatron_sentence_split_file_without_eod(tmp_path):
     ds = IndexedDataset(prefix)
     assert len(ds) == 5 and ds.num_documents == 2 and ds.num_tokens == 9
     assert [ds[i].tolist() for i in range(5)] == seqs
+    starts, lengths = ds.document_spans()
+    assert starts.tolist() == [0, 6] and lengths.tolist() == [6, 3]
     packed = PackedDataset([prefix], seq_len=8)
     assert len(packed) == 1  # (9 - 1) // 8
     s = packed[0]
@@ -116,6 +118,7 @@ def test_writer_abort_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_megatron_core_reads_ours_and_we_read_theirs(tmp_path):
     """Cross-check with Megatron's own IndexedDataset / IndexedDatasetBuilder when installed."""
     with warnings.catch_warnings():

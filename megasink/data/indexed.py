@@ -226,6 +226,22 @@ class IndexedDataset:
     def num_tokens(self) -> int:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
+    def document_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per document: (start offset into ``tokens``, length in tokens), both int64 (n_docs,).
+
+        A document is the run of sequences ``document_indices[d] : document_indices[d+1]``;
+        those sequences are contiguous in ``.bin``.
+        """
+        doc_idx = np.asarray(self.document_indices, dtype=np.int64)
+        if len(doc_idx) < 2 or len(self) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        seq_cum = np.zeros(len(self) + 1, dtype=np.int64)  # (S+1,) token offsets
+        np.cumsum(self.sequence_lengths, out=seq_cum[1:])
+        first_seq = np.minimum(doc_idx[:-1], len(self) - 1)
+        starts = np.asarray(self.sequence_pointers, dtype=np.int64)[first_seq] // self.dtype.itemsize
+        lengths = seq_cum[doc_idx[1:]] - seq_cum[doc_idx[:-1]]
+        return starts, lengths
+
 
 def _parse_header(path: str, idx: np.ndarray) -> tuple[np.dtype, int, int]:
     head = bytes(idx[:HEADER_SIZE])
