@@ -91,6 +91,8 @@ write_conf() {  # write_conf DIR NODES
     local dir=$1 nodes=$2 host cpus i
     host=$(hostname -s)
     cpus=$(nproc)
+    local mem_mb
+    mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     local ctld_port
     ctld_port=$(free_port)
     {
@@ -129,12 +131,12 @@ write_conf() {  # write_conf DIR NODES
         echo "SlurmctldTimeout=30"
         echo "SlurmdTimeout=30"
         if ((nodes == 1)); then
-            echo "NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Port=$(free_port) State=UNKNOWN"
+            echo "NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Port=$(free_port) State=UNKNOWN"
             echo "$host" >"$dir/nodes"
         else
             : >"$dir/nodes"
             for ((i = 1; i <= nodes; i++)); do
-                echo "NodeName=msnode$i NodeAddr=127.0.0.$((10 + i)) CPUs=$cpus Port=$(free_port) State=UNKNOWN"
+                echo "NodeName=msnode$i NodeAddr=127.0.0.$((10 + i)) CPUs=$cpus RealMemory=$mem_mb Port=$(free_port) State=UNKNOWN"
                 echo "msnode$i" >>"$dir/nodes"
             done
         fi
