@@ -1,0 +1,216 @@
+"""HF export / import: megasink -> HF -> megasink round trips, logits parity with transformers,
+generation with the exported tokenizer and KV cache, importing Llama-family models (optionally
+adding sinks or gates that keep the function), and clear refusals of unsupported features."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_seeded, small_model_cfg
+from megasink import load_checkpoint
+from megasink.config import Config
+from megasink.hf import UnsupportedModelError, import_model, mapping
+from megasink.hf.cli import from_hf_main, to_hf_main
+from megasink.train.checkpoint import save_model_checkpoint
+from test_hf_helpers import MODEL_VOCAB, save_random_hf, tiny_llama_config, train_spm
+
+transformers = pytest.importorskip("transformers")
+AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    return train_spm(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="module", params=["vanilla", "sink", "gated"])
+def exported(request, tmp_path_factory, spm_path):
+    """(variant, megasink model, cfg, checkpoint dir, HF dir) for each variant; sink has tied embeddings."""
+    variant = request.param
+    root = tmp_path_factory.mktemp(f"export_{variant}")
+    cfg = Config(model=small_model_cfg(variant, vocab_size=MODEL_VOCAB, tie_embeddings=variant == "sink"))
+    model = build_seeded(cfg.model)
+    model.shared_heads[1, 2] = True  # a fine-tuning buffer that must survive the round trip
+    ckpt = save_model_checkpoint(model, cfg, root / "step_1", tokenizer=str(spm_path))
+    assert to_hf_main([str(ckpt), str(root / "hf"), "--no-progress"]) == 0
+    return variant, model, cfg, ckpt, root / "hf"
+
+
+def _load_hf(hf_dir, variant, **kw):
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=variant != "vanilla", **kw).eval()
+
+
+def test_export_layout_and_logits(exported):
+    variant, model, cfg, _, hf_dir = exported
+    files = {p.name for p in hf_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "megasink.json"} <= files
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    if variant == "vanilla":
+        assert hf_cfg["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in hf_cfg
+        assert not any(name.endswith(".py") for name in files)
+    else:
+        assert hf_cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_megasink.MegasinkForCausalLM"
+        assert {"configuration_megasink.py", "modeling_megasink.py"} <= files
+    tokens = torch.randint(0, MODEL_VOCAB, (2, cfg.model.seq_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(tokens).logits
+        for impl in ("eager", "sdpa"):
+            hf = _load_hf(hf_dir, variant, attn_implementation=impl)
+            if variant == "vanilla":
+                assert type(hf).__name__ == "LlamaForCausalLM"
+            err = (hf(tokens).logits - ref).abs().max().item()
+            assert err <= 1e-4, (impl, err)
+
+
+def test_round_trip_identical_weights(exported, tmp_path):
+    variant, model, cfg, _, hf_dir = exported
+    assert from_hf_main([str(hf_dir), str(tmp_path / "back"), "--no-progress"]) == 0
+    back, back_cfg = load_checkpoint(tmp_path / "back")
+    assert back_cfg == cfg  # the exact config, from megasink.json
+    sd, back_sd = model.state_dict(), back.state_dict()
+    assert sd.keys() == back_sd.keys()
+    for k in sd:
+        assert torch.equal(sd[k], back_sd[k]), k
+    assert (tmp_path / "back" / "tokenizer.model").is_file()
+
+
+def test_generate_with_exported_tokenizer_and_kv_cache(exported, spm_path):
+    import sentencepiece as spm
+
+    variant, model, _, _, hf_dir = exported
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    text = "Return a list of the words in the string, using sep as the delimiter."
+    assert tok(text)["input_ids"] == sp.encode(text)  # same ids as training data, no BOS added
+    hf = _load_hf(hf_dir, variant)
+    prompt = tok(text, return_tensors="pt")["input_ids"][:, :12]
+    kw = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_scores=True,
+              eos_token_id=None)
+    cached = hf.generate(prompt, use_cache=True, **kw)
+    uncached = hf.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.scores, uncached.scores):
+        assert (a - b).abs().max() < 1e-4
+    # megasink's own greedy decoding agrees
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(seq, cached.sequences)
+    assert isinstance(tok.decode(cached.sequences[0]), str) and tok.decode(cached.sequences[0]).startswith("Return")
+    # batched, left-padded prompts: the attention mask reaches the sink / gated attention correctly
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    texts = [text, "The quick brown fox"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    out = hf.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    for i, t in enumerate(texts):
+        single = hf.generate(tok(t, return_tensors="pt")["input_ids"], max_new_tokens=6, do_sample=False,
+                             eos_token_id=None)
+        assert torch.equal(out[i, -6:], single[0, -6:])
+
+
+def test_sharded_export_loads(tmp_path, capsys):
+    cfg = Config(model=small_model_cfg("gated", vocab_size=MODEL_VOCAB))
+    model = build_seeded(cfg.model)
+    ckpt = save_model_checkpoint(model, cfg, tmp_path / "ckpt")
+    assert to_hf_main([str(ckpt), str(tmp_path / "hf"), "--max-shard-size", "40KB", "--no-progress",
+                       "--dtype", "float32"]) == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    hf = _load_hf(tmp_path / "hf", "gated")
+    tokens = torch.randint(0, MODEL_VOCAB, (1, 16))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens).logits).abs().max() <= 1e-4
+    back, _, _ = import_model(tmp_path / "hf", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    assert to_hf_main([str(ckpt), str(tmp_path / "hf"), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+def test_llama_import_train_step_export_reload(attention, tmp_path):
+    """HF Llama (random config) -> megasink (optionally adding sinks / gates) -> one AdamW step -> HF."""
+    hf_src = save_random_hf(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "llama")
+    src = AutoModelForCausalLM.from_pretrained(str(hf_src)).eval()
+    argv = [str(hf_src), str(tmp_path / "ms"), "--tp", "2", "--pp", "2", "--no-progress"]
+    if attention != "vanilla":
+        argv += ["--attention", attention]
+    assert from_hf_main(argv) == 0
+    model, cfg = load_checkpoint(tmp_path / "ms")
+    assert (cfg.model.attention, cfg.parallel.tp, cfg.parallel.pp) == (attention, 2, 2)
+    assert cfg.model.d_ff == 96 and cfg.model.kv_heads == 2 and cfg.model.norm_eps == 1e-5
+    tokens = torch.randint(0, MODEL_VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the same function at the start, sinks / gates included
+        assert (model(tokens).logits - src(tokens).logits).abs().max() <= 1e-4
+    if attention == "sink":
+        assert cfg.model.sink_init == -30.0
+    if attention == "gated":
+        assert cfg.model.gate_bias_init == 15.0
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = model(tokens, targets=tokens.roll(-1, 1))
+    (out.loss + out.aux_loss).backward()
+    opt.step()
+    save_model_checkpoint(model, cfg, tmp_path / "trained")
+    assert to_hf_main([str(tmp_path / "trained"), str(tmp_path / "hf_out"), "--no-progress"]) == 0
+    hf = _load_hf(tmp_path / "hf_out", attention)
+    with torch.no_grad():
+        ref = model(tokens).logits
+        assert (ref - src(tokens).logits).abs().max() > 1e-3  # the step changed the model
+        assert (hf(tokens).logits - ref).abs().max() <= 1e-4
+
+
+def test_added_sink_weight_is_checked(tmp_path):
+    hf_src = save_random_hf(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "llama")
+    _, _, report = import_model(hf_src, attention="sink", progress=False)
+    assert report.max_sink_weight < 1e-6 and report.max_logit_change < 1e-4
+    _, _, report = import_model(hf_src, attention="gated", progress=False)
+    assert report.min_gate > 1 - 1e-6
+    with pytest.raises(ValueError, match="Use a lower --sink-init"):
+        import_model(hf_src, attention="sink", sink_init=-3.0, progress=False)
+
+
+def test_refuses_unsupported_checkpoints(tmp_path, capsys):
+    qwen3 = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    save_random_hf(transformers.Qwen3ForCausalLM, qwen3, tmp_path / "qwen3")
+    assert from_hf_main([str(tmp_path / "qwen3"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "QK-norm" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    llama = save_random_hf(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "llama")
+    assert from_hf_main([str(llama), str(tmp_path / "out"), "--tp", "3", "--no-progress"]) == 2
+    assert "not divisible by parallel.tp=3" in capsys.readouterr().err
+    qwen2 = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1)
+    save_random_hf(transformers.Qwen2ForCausalLM, qwen2, tmp_path / "qwen2")
+    with pytest.raises(UnsupportedModelError, match="biases on the attention projections"):
+        import_model(tmp_path / "qwen2", progress=False)
+
+    base = tiny_llama_config().to_dict()
+    cases = {
+        "sliding-window": {**base, "model_type": "mistral", "sliding_window": 16},
+        "RoPE type 'llama3'": {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+        "explicit head_dim": {**base, "head_dim": 32},
+        "hidden_act": {**base, "hidden_act": "gelu"},
+        "model_type 'gpt2'": {**base, "model_type": "gpt2"},
+    }
+    for message, hf_cfg in cases.items():
+        with pytest.raises(UnsupportedModelError, match=message):
+            mapping.check_supported(hf_cfg, "config.json")
+    with pytest.raises(UnsupportedModelError, match="cannot become vanilla"):
+        cfg = Config(model=small_model_cfg("gated", vocab_size=MODEL_VOCAB))
+        ckpt = save_model_checkpoint(build_seeded(cfg.model), cfg, tmp_path / "g")
+        to_hf_main([str(ckpt), str(tmp_path / "g_hf"), "--no-progress"])
+        import_model(tmp_path / "g_hf", attention="vanilla", progress=False)
+
+
+def test_scripts_run(monkeypatch, capsys):
+    """The tools/ entry points parse their arguments and reach the library (in-process, no startup cost)."""
+    import runpy
+
+    for script in ("convert_to_hf.py", "convert_from_hf.py"):
+        monkeypatch.setattr("sys.argv", [script, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(Path(__file__).parents[1] / "tools" / script), run_name="__main__")
+        assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out

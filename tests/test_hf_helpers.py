@@ -1,0 +1,65 @@
+"""Helpers (no tests) shared by test_hf.py and test_diagnose.py: a tiny sentencepiece model, tiny HF models."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+SPM_VOCAB = 480
+MODEL_VOCAB = 512  # >= SPM_VOCAB: the model may have more rows than the tokenizer has pieces
+
+
+def stdlib_text() -> str:
+    """A few hundred KB of English from standard-library docstrings (no downloads)."""
+    import argparse
+    import collections
+    import json
+    import pathlib
+    import textwrap
+
+    docs = []
+    for mod in (json, pathlib, textwrap, collections, argparse, inspect):
+        docs.append(inspect.getdoc(mod) or "")
+        for name in dir(mod):
+            doc = inspect.getdoc(getattr(mod, name))
+            if doc:
+                docs.append(doc)
+    return "\n".join(docs).encode("ascii", "ignore").decode()
+
+
+def train_spm(out_dir: Path, vocab_size: int = SPM_VOCAB, model_type: str = "bpe") -> Path:
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "corpus.txt"
+    corpus.write_text(stdlib_text())
+    prefix = out_dir / f"spm_{model_type}"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=model_type == "bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2, num_threads=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=MODEL_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def save_random_hf(model_cls, config, out_dir: Path, seed: int = 0, qk_scale: float = 4.0) -> Path:
+    """A random HF model saved with safetensors; q/k scaled up so attention is far from uniform."""
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(qk_scale)
+    model.save_pretrained(str(out_dir))
+    return out_dir
