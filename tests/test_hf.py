@@ -209,7 +209,7 @@ def test_scripts_run(monkeypatch, capsys):
     """The tools/ entry points parse their arguments and reach the library (in-process, no startup cost)."""
     import runpy
 
-    for script in ("convert_to_hf.py", "convert_from_hf.py"):
+    for script in ("convert_to_hf.py", "convert_from_hf.py", "diagnose_heads.py"):
         monkeypatch.setattr("sys.argv", [script, "--help"])
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(Path(__file__).parents[1] / "tools" / script), run_name="__main__")
