@@ -107,13 +107,24 @@ def full_optim_state(engine, p: torch.nn.Parameter, key: str) -> Optional[torch.
 
 
 def set_full_param(engine, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set the fp32 master copy *and* the model's working copy (DeepSpeed only sets the
+    former and would refresh the latter only at the next optimizer step)."""
     if _uses_hp_mapping(engine):
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(p, value.to(torch.float32))
-    else:
-        with torch.no_grad():
-            p.copy_(value)
+    with torch.no_grad():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's flat partition of the working copy
+            import torch.distributed as dist
+
+            part = p.ds_tensor
+            n = part.numel()
+            start = n * dist.get_rank(group=p.ds_process_group)
+            chunk = value.flatten()[start:start + n].to(part.dtype)
+            part.data.zero_()
+            part.data[:chunk.numel()].copy_(chunk)
+        else:
+            p.data.copy_(value.to(p.dtype))
 
 
 def set_full_optim_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
@@ -125,23 +136,37 @@ def set_full_optim_state(engine, p: torch.nn.Parameter, key: str, value: torch.T
         engine.optimizer.state[p][key].copy_(value)
 
 
+def _master_tensors(engine) -> list:
+    """The tensors AdamW actually steps: DeepSpeed's flat fp32 partitions, or the params."""
+    opt = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if getattr(opt, attr, None):
+            return list(getattr(opt, attr))
+    return [p for g in _base_optimizer(engine).param_groups for p in g["params"]]
+
+
 def ensure_optimizer_state(engine) -> None:
-    """Create AdamW's state (zero moments) without changing any weight: one step at lr 0 on
-    zero gradients. Needed before moments can be loaded into a fresh optimizer."""
+    """Create AdamW's state (step 0, zero moments) as torch's AdamW would on its first step,
+    without touching any weight, so saved moments can be loaded into a fresh optimizer."""
     base = _base_optimizer(engine)
-    params = [p for g in base.param_groups for p in g["params"]]
-    if all(p in base.state and "exp_avg" in base.state[p] for p in params):
-        return
-    saved = [(g["lr"], g["weight_decay"]) for g in base.param_groups]
-    for g in base.param_groups:
-        g["lr"], g["weight_decay"] = 0.0, 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    base.step()
-    for p in params:
-        p.grad = None
-    for g, (lr, wd) in zip(base.param_groups, saved):
-        g["lr"], g["weight_decay"] = lr, wd
+    for t in _master_tensors(engine):
+        st = base.state[t]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+
+
+def relink_optimizer_states(engine) -> None:
+    """Point DeepSpeed's per-parameter fragments at the current AdamW state.
+
+    DeepSpeed links the fragments once, right after the *first group's* first step, so with
+    several parameter groups (decay / no decay) the later groups stay unlinked. Re-linking
+    when the state exists makes full_optim_state / set_full_optim_state see every group."""
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
 
 
 def optimizer_step_count(engine) -> int:

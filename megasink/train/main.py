@@ -33,9 +33,11 @@ def parse_args(argv):
 
 def check_data(cfg: Config) -> None:
     """Fail early, by name, on data paths that do not exist."""
-    from megasink.data import check_data_paths
+    from megasink.data import parse_data_paths, resolve_prefix
 
-    check_data_paths(cfg.data)
+    for _, prefix in parse_data_paths(cfg.data.path, "data.path"):
+        if prefix != "synthetic":
+            resolve_prefix(prefix, "data.path")  # raises, naming the missing prefix
 
 
 def _rank0_print(msg: str) -> None:

@@ -58,6 +58,8 @@ def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, stat
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    if eng.optimizer_step_count(engine) > 0:
+        eng.relink_optimizer_states(engine)
     model_sd, optim_sd = {}, {}
     for name, p in _named_params(engine):  # collective under ZeRO (all ranks, same order)
         model_sd[name] = _gather_tp(eng.full_param(engine, p), p, dims)
@@ -109,6 +111,7 @@ def load_training_state(engine, ckpt_dir: Path, dims: ParallelDims) -> dict:
     state = json.loads((ckpt_dir / "state.json").read_text()) if (ckpt_dir / "state.json").exists() else {}
     if optim_sd:
         eng.ensure_optimizer_state(engine)
+        eng.relink_optimizer_states(engine)
     for name, p in _named_params(engine):
         if name not in model_sd:
             raise KeyError(f"{ckpt_dir}: parameter {name} missing from the checkpoint")
