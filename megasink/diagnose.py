@@ -93,6 +93,9 @@ def load_model(path: str | os.PathLike, tokenizer: Optional[str] = None):
     return model, str(spm) if spm else None
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 class HFEagerGates:
     """A transformers causal LM read as vanilla attention: G = 1 - A[t, 0] from eager probabilities.
 
@@ -284,17 +287,26 @@ def gate_statistics(model, samples, device: str = "cpu", max_batch_tokens: int =
 def diagnose(model_path: str, data: list, num_samples: int = 500, seq_len: int = 2048, top_m: int = 0,
              shuffle_seed: Optional[int] = None, tokenizer: Optional[str] = None, text_key: str = "text",
              device: str = "cpu", backend: str = "auto", max_batch_tokens: int = 16384,
-             progress: bool = False) -> Diagnosis:
-    """Per-head importance of the model at model_path over documents from the data paths."""
+             dtype: str = "float32", progress: bool = False) -> Diagnosis:
+    """Per-head importance of the model at model_path over documents from the data paths.
+
+    backend "auto": the fused flash kernel on CPU; on CUDA the fused memory-efficient SDPA kernel
+    (it returns the log-sum-exp for fp32 too; no gradient is taken, so its dropped lse gradient
+    does not matter). Gates and sums are accumulated in fp32 / fp64 whatever ``dtype``.
+    """
     from megasink.hf.tokenizer import load_encoder
 
     model, tok = load_model(model_path, tokenizer)
     if isinstance(model, HFEagerGates):
         n_heads, variant = model.n_heads, model.variant
     else:
+        if backend == "auto":
+            backend = "sdpa" if torch.device(device).type == "cuda" else "flash"
         model.cfg.attention_backend = backend
         n_heads, variant = model.cfg.n_heads, model.cfg.attention
     model.to(device)
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
     if not 0 <= top_m < n_heads:
         raise ValueError(f"--top-m {top_m} must be in [0, {n_heads - 1}] for {n_heads} heads")
     needs_text = any(_indexed_prefix(str(p)) is None for p in data)
@@ -324,6 +336,7 @@ def to_json(d: Diagnosis) -> dict:
 
 
 def plot_heatmap(d: Diagnosis, path: str | os.PathLike) -> None:
+    """layers x heads image of the importance, per-layer CV on the right axis, shared heads boxed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,8 +344,9 @@ def plot_heatmap(d: Diagnosis, path: str | os.PathLike) -> None:
 
     imp = d.importance.numpy()
     L, H = imp.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * H, 20), min(1.5 + 0.35 * L, 20)))
-    im = ax.imshow(imp, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1.0, float(imp.max())))
+    fig, ax = plt.subplots(figsize=(min(3.5 + 0.4 * H, 24), min(2.5 + 0.3 * L, 24)))
+    im = ax.imshow(imp, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1.0, float(imp.max())),
+                   interpolation="nearest")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(H))
@@ -340,13 +354,16 @@ def plot_heatmap(d: Diagnosis, path: str | os.PathLike) -> None:
     ax.tick_params(labelsize=7)
     for layer, heads in enumerate(d.shared_heads()):
         ax.scatter(heads, [layer] * len(heads), marker="s", facecolors="none", edgecolors="red", s=40)
-    for layer, cv in enumerate(d.cv.tolist()):
-        ax.text(H - 0.4, layer, f" CV {cv:.2f}", va="center", ha="left", fontsize=7)
-    fig.colorbar(im, ax=ax, pad=0.12, label="importance (mean gate)")
-    title = f"{Path(d.model).name}: {d.variant}, {d.num_samples} samples, {d.num_tokens} tokens"
-    ax.set_title(title + (f"; red: top-{d.top_m} shared" if d.top_m else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    cv_axis = ax.twinx()  # per-layer CV as right-hand tick labels, aligned with the rows
+    cv_axis.set_ylim(ax.get_ylim())
+    cv_axis.set_yticks(range(L))
+    cv_axis.set_yticklabels([f"{c:.2f}" for c in d.cv.tolist()], fontsize=7)
+    cv_axis.set_ylabel("CV of the layer", fontsize=8)
+    fig.colorbar(im, ax=[ax, cv_axis], fraction=0.03, pad=0.08, label="importance (token-weighted mean gate)")
+    shared = f", red: top-{d.top_m} shared" if d.top_m else ""
+    ax.set_title(f"{Path(d.model).name} ({d.variant}): {d.num_samples} samples, {d.num_tokens} tokens{shared}",
+                 fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -420,13 +437,15 @@ def main(argv=None) -> int:
                                        "(default: the model's own)")
     p.add_argument("--text-key", default="text", help="JSON / parquet field with the text (default text)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", help="attention backend (default auto = flash)")
+    p.add_argument("--backend", default="auto", choices=["auto", "flash", "sdpa", "flex", "eager"],
+                   help="attention kernel (default auto: flash on CPU, memory-efficient SDPA on CUDA)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype (default float32)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per forward pass")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     d = diagnose(args.model, args.data, args.num_samples, args.seq_len, args.top_m, args.shuffle_seed,
                  args.tokenizer, args.text_key, args.device, args.backend, args.max_batch_tokens,
-                 progress=not args.no_progress)
+                 args.dtype, progress=not args.no_progress)
     out = write_outputs(d, args.out)
     print(summary(d))
     print(f"\nwrote {out / 'importance.json'}, {out / 'importance.png'}, {out / 'summary.txt'}")

@@ -58,6 +58,9 @@ def test_vanilla_importance_matches_transformers_eager(tmp_path):
     assert res["num_tokens"] == sum(min(n, SEQ_LEN) - 1 for n in DOC_LENGTHS[:6])
     assert (imp - ref).abs().max() <= 1e-5
     assert imp.std() > 1e-3  # heads differ (by ~100x the tolerance): the comparison is not vacuous
+    for backend in ("sdpa", "eager"):  # the other kernels that return lse agree (sdpa is auto on CUDA)
+        d = diagnose(str(hf_dir), [str(tmp_path / "data")], num_samples=6, seq_len=SEQ_LEN, backend=backend)
+        assert (d.importance - ref).abs().max() <= 1e-5
     cv = imp.std(-1, unbiased=False) / imp.mean(-1)
     assert np.allclose(res["cv"], cv.tolist(), atol=1e-9)
     shared = shared_mask_from_file(out / "importance.json", 2, 4)
@@ -99,6 +102,13 @@ def test_sink_gated_importance_from_checkpoint_and_text(variant, tmp_path):
     assert d.num_samples == 3 and d.num_tokens == count == 36
     assert (d.importance - sums / count).abs().max() <= 1e-6
     assert d.shared_heads() == d.importance.argmax(-1)[:, None].tolist()
+    if variant == "sink":  # parquet text input reads the same documents
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"body": texts}), tmp_path / "docs.parquet")
+        d2 = diagnose(str(ckpt), [str(tmp_path / "docs.parquet")], num_samples=3, seq_len=12, text_key="body")
+        assert torch.equal(d2.importance, d.importance)
 
 
 def test_sampling_order_and_shuffle(tmp_path):

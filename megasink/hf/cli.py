@@ -67,6 +67,7 @@ def from_hf_main(argv=None) -> int:
     p.add_argument("--tp", type=int, help="parallel.tp recorded in the config")
     p.add_argument("--pp", type=int, help="parallel.pp recorded in the config")
     p.add_argument("--seq-len", type=int, help="model.seq_len (default: max_position_embeddings, at most 4096)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_CHECKPOINT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from megasink.hf.importer import convert_hf_dir
@@ -75,7 +76,7 @@ def from_hf_main(argv=None) -> int:
         out, report = convert_hf_dir(args.hf_dir, args.out_checkpoint, attention=args.attention,
                                      sink_init=args.sink_init, gate_bias_init=args.gate_bias_init, tp=args.tp,
                                      pp=args.pp, seq_len=args.seq_len, max_sink_weight=args.max_sink_weight,
-                                     progress=not args.no_progress)
+                                     overwrite=args.overwrite, progress=not args.no_progress)
     except (ValueError, OSError) as e:  # unsupported features, config errors, missing files
         print(f"error: {e}", file=sys.stderr)
         return 2

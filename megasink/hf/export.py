@@ -123,7 +123,7 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathLike
 def _token_ids_from_hf_tokenizer(tok_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
     return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 

@@ -253,10 +253,14 @@ def check_added_gates(model, report: ImportReport) -> None:
         report.min_gate = lowest
 
 
-def convert_hf_dir(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> tuple[Path, ImportReport]:
+def convert_hf_dir(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
+                   **kwargs) -> tuple[Path, ImportReport]:
     """tools/convert_from_hf.py: an HF directory -> a megasink checkpoint directory."""
     from megasink.train.checkpoint import save_model_checkpoint
 
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     model, cfg, report = import_model(hf_dir, **kwargs)
     spm = Path(hf_dir) / "tokenizer.model"
     out = save_model_checkpoint(model, cfg, out_dir, tokenizer=str(spm) if spm.is_file() else None)

@@ -103,5 +103,5 @@ def load_encoder(path: str | os.PathLike) -> Callable[[str], list]:
         return lambda text: sp.encode(text) + ([eos] if eos >= 0 else [])
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(p))
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)  # no prompt for the model's code
     return lambda text: list(tok(text)["input_ids"])

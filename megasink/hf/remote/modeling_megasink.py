@@ -41,11 +41,14 @@ def _allowed_keys(mask: Optional[torch.Tensor], q_len: int, k_len: int, device) 
     """Boolean (B or 1, 1 or H, q_len, k_len) mask of allowed keys from any mask transformers passes.
 
     eager masks are additive floats (0 / very negative), sdpa masks are booleans (True = attend)
-    or None, meaning plain causal attention with the queries at the end of the keys (KV cache).
+    or None, which transformers only passes when sdpa's own rule is exact: no mask for one query,
+    else ``is_causal`` with torch's upper-left alignment (query i sees keys 0..i; with a static
+    cache the keys beyond the queries are empty slots).
     """
     if mask is None:
-        q_pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
-        return (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]
+        if q_len == 1:
+            return torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device)
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
     mask = mask[..., :k_len]
     if mask.dtype == torch.bool:
         return mask
