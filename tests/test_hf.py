@@ -194,6 +194,7 @@ def test_refuses_unsupported_checkpoints(tmp_path, capsys):
         "sliding-window": {**base, "model_type": "mistral", "sliding_window": 16},
         "RoPE type 'llama3'": {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
         "explicit head_dim": {**base, "head_dim": 32},
+        "partial_rotary_factor": {**base, "partial_rotary_factor": 0.5},
         "hidden_act": {**base, "hidden_act": "gelu"},
         "model_type 'gpt2'": {**base, "model_type": "gpt2"},
     }

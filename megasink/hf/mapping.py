@@ -140,17 +140,18 @@ def _get(hf_cfg: dict, key: str, default=None):
 
 
 def _rope(hf_cfg: dict, where: str) -> float:
-    """rope_theta of a config with default (unscaled) RoPE; anything else is an error."""
+    """rope_theta of a config with default (unscaled, full-head) RoPE; anything else is an error."""
     params = hf_cfg.get("rope_parameters") or hf_cfg.get("rope_scaling") or {}
-    if isinstance(params, dict) and params:
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise UnsupportedModelError(
-                f"{where}: RoPE type {rope_type!r} ({params}) is not supported: megasink implements plain "
-                "RoPE only (rope_type 'default'); convert a model without RoPE scaling")
-        if "rope_theta" in params:
-            return float(params["rope_theta"])
-    return float(_get(hf_cfg, "rope_theta", 10000.0))
+    params = params if isinstance(params, dict) else {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise UnsupportedModelError(
+            f"{where}: RoPE type {rope_type!r} ({params}) is not supported: megasink implements plain "
+            "RoPE only (rope_type 'default'); convert a model without RoPE scaling")
+    partial = params.get("partial_rotary_factor", hf_cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedModelError(f"{where}: partial_rotary_factor={partial}; megasink rotates whole heads")
+    return float(params.get("rope_theta") or _get(hf_cfg, "rope_theta", 10000.0))
 
 
 def check_supported(hf_cfg: dict, where: str, weight_names=()) -> None:
