@@ -26,6 +26,11 @@ test-fast: venv
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 quickstart: venv
+	@# real English text that ships in a Debian package (no hub downloads); optional
+	@test -d /usr/share/doc/python3.11/html/_sources || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q python3.11-doc >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q python3.11-doc >/dev/null 2>&1; }; }; } || \
+	  echo "python3.11-doc not installable here: the quickstart corpus falls back to stdlib docstrings"
 	$(PY) -m megasink.quickstart
 
 bench: venv

@@ -100,7 +100,7 @@ class Trainer:
     def train_step(self, batches) -> StepResult:
         A, dp, coef = len(batches), self.dims.dp, self.cfg.aux_loss.coef
         exact_global = A > 1 and self.cfg.aux_loss.accumulation == "global" and coef > 0
-        grad_full = aux_value = g_sums = g_count = None
+        grad_full = aux_value = g_sums = g_count = grad_norm = None
         if exact_global:
             g_sums, g_count, _ = self._statistics_pass(batches)
             aux_value, grad_full = self._aux(g_sums, g_count)
@@ -125,15 +125,29 @@ class Trainer:
                 self.engine.zero_grad()  # ZeRO-0 has no overflow check: drop the update ourselves
                 return self._skipped(lm_total, g_sums, g_count, sum_acc, cnt_acc)
             skipped_before = self.engine.skipped_steps
+            if i == A - 1 and self.engine.zero_optimization_stage() == 0:
+                grad_norm = self._grad_norm_zero0()  # DeepSpeed does not report it without ZeRO
             self.engine.step()
         if not exact_global:
             g_sums, g_count = sum_acc, cnt_acc
             aux_value = torch.tensor(aux_total) if coef > 0 else torch.tensor(0.0)
         imp = imp_lib.importance(g_sums, g_count)
-        grad_norm = self.engine.get_global_grad_norm()
+        if self.engine.zero_optimization_stage() > 0:
+            grad_norm = self.engine.get_global_grad_norm()
         skipped = self.engine.skipped_steps > skipped_before or not finite
         return StepResult(lm_total, float(aux_value), imp, finite and not skipped,
                           None if grad_norm is None else float(grad_norm), skipped)
+
+    def _grad_norm_zero0(self) -> float:
+        """Global L2 norm of the (data-parallel averaged) gradients, before clipping; each
+        tensor-parallel shard counted once, replicated parameters once (on tp rank 0)."""
+        sq = torch.zeros(1)
+        for p in self.engine.module.parameters():
+            if p.grad is not None and (getattr(p, "tp_shard_dim", None) is not None or self.dims.tp_rank == 0):
+                sq += p.grad.detach().float().pow(2).sum()
+        if self.dims.tp * self.dims.pp > 1:
+            dist.all_reduce(sq, group=self.dims.group("mp"))
+        return float(sq.sqrt())
 
     def _skipped(self, lm_total, g_sums, g_count, sum_acc, cnt_acc) -> StepResult:
         sums, count = (g_sums, g_count) if g_sums is not None else (sum_acc, cnt_acc)
