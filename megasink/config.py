@@ -136,6 +136,8 @@ class TrainConfig:
     """auto (resume from run_dir's latest if any), none, or a checkpoint directory."""
     seed: int = 1234
     """Seed for initialisation and data order."""
+    init_from: str = ""
+    """Fine-tuning: start from this checkpoint's weights (fresh optimizer, step 0); empty: random init."""
     max_nan_skips: int = 5
     """Consecutive non-finite losses tolerated (step skipped) before stopping."""
     activation_checkpointing: bool = False

@@ -68,6 +68,24 @@ def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
         _rank0_print(f"[megasink] shared heads per layer: {[row.nonzero().flatten().tolist() for row in model.shared_heads]}")
 
 
+def load_initial_weights(model, cfg: Config) -> None:
+    """Fine-tuning: copy a checkpoint's weights into the freshly built model (same architecture)."""
+    from megasink.train.checkpoint import load_model_tensors, resolve_checkpoint_dir
+
+    ckpt = resolve_checkpoint_dir(cfg.train.init_from)
+    sd = load_model_tensors(ckpt)
+    sd.pop("shared_heads", None)  # fine-tuning measures (or reads) its own shared heads
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and k != "shared_heads" and not (k == "output.weight" and cfg.model.tie_embeddings)]
+    bad = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    unexpected = [k for k in sd if k not in own]
+    if missing or bad or unexpected:
+        raise ValueError(f"train.init_from={ckpt}: does not match the model config "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {bad[:5]})")
+    model.load_state_dict(sd, strict=False)
+    _rank0_print(f"[megasink] initial weights from {ckpt}")
+
+
 def build_everything(cfg: Config, dims):
     from megasink.data import build_dataset, build_loader
     from megasink.model.transformer import Transformer
@@ -82,6 +100,8 @@ def build_everything(cfg: Config, dims):
     from megasink.train.state import find_resume_dir
 
     if find_resume_dir(cfg) is None:
+        if cfg.train.init_from:
+            load_initial_weights(model, cfg)
         setup_shared_heads(model, cfg, dims, train_ds)
     model = parallelize(model, cfg, dims)
     loader = build_loader(train_ds, cfg.train.micro_batch_size, dims.dp_rank, dims.dp, cfg.train.seed)
