@@ -99,6 +99,10 @@ megasink_setup() {
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     # EDIT for your fabric if NCCL picks the wrong interface, e.g.:
     #   export NCCL_SOCKET_IFNAME=ib0    GLOO_SOCKET_IFNAME=ib0    NCCL_IB_HCA=mlx5
+    # Workers get a fresh TCPStore per torchrun restart (hosted by rank 0) instead of
+    # sharing the rendezvous store, where a restarted gloo/NCCL bootstrap can read the
+    # dead attempt's addresses (seen with torch 2.13, MEGASINK_MAX_RESTARTS > 0).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
     export PYTHONUNBUFFERED=1
     export PYTHONFAULTHANDLER=1          # a hung or crashing rank prints Python stacks
 }

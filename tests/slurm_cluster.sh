@@ -42,7 +42,8 @@ cmd_install() {
     echo "slurm_cluster.sh: installing ${PACKAGES[*]} with apt-get" >&2
     # policy-rc.d-less containers may try to start the distribution's services: we never
     # use them (everything runs from DIR), and none can start without a slurm.conf.
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+    if ! { apt-get -o DPkg::Lock::Timeout=300 update -qq &&
+            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q \
             --no-install-recommends "${PACKAGES[@]}"; } >"$log" 2>&1; then
         tail -n 20 "$log" >&2
         rm -f "$log"

@@ -10,7 +10,8 @@ config on CPU (``--gpus-per-node=0``, ``MEGASINK_NPROC_PER_NODE``), two ranks ea
 - 1 node x 2 ranks, sent the pre-timeout signal (what ``--signal=B:USR1@300`` delivers):
   checkpoints, requeues itself, resumes from ``latest`` and reproduces the loss curve of
   the uninterrupted run exactly;
-- a killed rank makes the job fail at once instead of hanging;
+- a killed rank makes the job fail at once instead of hanging, or, with
+  ``MEGASINK_MAX_RESTARTS=1``, restarts all ranks from the latest checkpoint;
 - preprocess.sbatch: a job array over input files plus its merge job.
 
 Skips (with the reason) when the cluster cannot be started here: not Linux, not root, no
@@ -183,7 +184,8 @@ def uninterrupted(cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrain")
     run_dir = tmp / "run"
     jid = cluster.sbatch(*_cpu_job_args(tmp, 2), "slurm/pretrain.sbatch", "configs/tiny-sink.yaml",
-                         f"run_dir={run_dir}", *TINY, export={"MEGASINK_NPROC_PER_NODE": 1, "MEGASINK_RDZV_PORT": _free_port()})
+                         f"run_dir={run_dir}", *TINY,
+                         export={"MEGASINK_NPROC_PER_NODE": 1, "MEGASINK_RDZV_PORT": _free_port()})
     info = cluster.wait(jid, timeout=150)
     return jid, info, run_dir
 
@@ -216,12 +218,7 @@ def test_preempt_signal_checkpoints_requeues_and_resumes(cluster, uninterrupted,
                          export={"MEGASINK_NPROC_PER_NODE": 2, "MEGASINK_RDZV_PORT": _free_port()})
     # Once training runs (first metrics line), send what `#SBATCH --signal=B:USR1@300`
     # sends before the time limit: SIGUSR1 to the batch shell.
-    end = time.monotonic() + 90
-    while not _metrics(run_dir):
-        info = cluster.job(jid)
-        assert info["JobState"] not in FINAL_STATES, f"job ended before training started:\n{cluster.diagnose(jid)}"
-        assert time.monotonic() < end, f"no metrics after 90 s:\n{cluster.diagnose(jid)}"
-        time.sleep(0.2)
+    _wait_for(cluster, jid, "metrics", lambda: _metrics(run_dir))
     cluster.run("scancel", "--batch", "--signal=USR1", str(jid))
     info = cluster.wait(jid, timeout=150, on_poll=cluster.release_requeued)
     log = Path(info["StdOut"]).read_text()
@@ -262,19 +259,30 @@ def _worker_pids(jid: int, rank: int) -> list[int]:
     return pids
 
 
+def _wait_for(cluster: Cluster, jid: int, what: str, ready, timeout: float = 90) -> None:
+    """Poll ``ready()`` while job ``jid`` runs; fail with its log if it ends or times out."""
+    end = time.monotonic() + timeout
+    while not ready():
+        info = cluster.job(jid)
+        assert info["JobState"] not in FINAL_STATES, f"job {jid} ended before {what}:\n{cluster.diagnose(jid)}"
+        assert time.monotonic() < end, f"job {jid}: no {what} after {timeout} s:\n{cluster.diagnose(jid)}"
+        time.sleep(0.2)
+
+
+def _kill_rank(jid: int, rank: int) -> None:
+    victims = _worker_pids(jid, rank)
+    assert len(victims) == 1, f"rank {rank} worker of job {jid}: {victims}"
+    os.kill(victims[0], signal.SIGKILL)
+
+
 def test_dead_rank_fails_the_job_instead_of_hanging(cluster, tmp_path):
     run_dir = tmp_path / "run"
     timeout_s = 60
     jid = cluster.sbatch(*_cpu_job_args(tmp_path, 2), "slurm/pretrain.sbatch", "configs/tiny-sink.yaml",
                          f"run_dir={run_dir}", *TINY, "train.steps=100000", f"parallel.timeout_s={timeout_s}",
                          export={"MEGASINK_NPROC_PER_NODE": 1, "MEGASINK_RDZV_PORT": _free_port()})
-    end = time.monotonic() + 90
-    while not _metrics(run_dir):
-        assert time.monotonic() < end, f"no metrics after 90 s:\n{cluster.diagnose(jid)}"
-        time.sleep(0.2)
-    victims = _worker_pids(jid, rank=1)
-    assert len(victims) == 1, f"rank 1 worker of job {jid}: {victims}"
-    os.kill(victims[0], signal.SIGKILL)
+    _wait_for(cluster, jid, "metrics", lambda: _metrics(run_dir))
+    _kill_rank(jid, rank=1)
     killed_at = time.monotonic()
     info = cluster.wait(jid, timeout=timeout_s + 60)
     waited = time.monotonic() - killed_at
@@ -322,3 +330,25 @@ def test_preprocess_array_and_merge(cluster, tmp_path):
     data = DataConfig(path=[str(prefix)], tokenizer=str(tok))
     assert len(build_dataset(data, 64, 512, seed=0)) > 0
     assert len(build_dataset(data, 64, 512, seed=0, split="valid")) > 0
+
+
+def test_torchrun_restart_resumes_from_latest(cluster, uninterrupted, tmp_path):
+    """MEGASINK_MAX_RESTARTS=1: a killed rank is restarted with the others, from latest."""
+    _, ref_info, ref_dir = uninterrupted
+    assert ref_info["JobState"] == "COMPLETED", "the uninterrupted reference run failed"
+    run_dir = tmp_path / "run"
+    jid = cluster.sbatch(*_cpu_job_args(tmp_path, 1), "slurm/pretrain.sbatch", "configs/tiny-sink.yaml",
+                         f"run_dir={run_dir}", *TINY,
+                         export={"MEGASINK_NPROC_PER_NODE": 2, "MEGASINK_MAX_RESTARTS": 1,
+                                 "MEGASINK_RDZV_PORT": _free_port()})
+    _wait_for(cluster, jid, "checkpoint", lambda: (run_dir / "checkpoints" / "latest").exists())
+    _kill_rank(jid, rank=1)
+    info = cluster.wait(jid, timeout=150)
+    log = Path(info["StdOut"]).read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", cluster.diagnose(jid)
+    assert re.search(r"resumed from \S+/checkpoints/step_\d+ at step", log), log
+    rows = _metrics(run_dir)
+    assert rows[-1]["step"] == 30, rows
+    ref = {r["step"]: r["loss"] for r in _metrics(ref_dir)}
+    for r in rows:  # steps redone after the restart reproduce the reference too
+        assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-5, abs=1e-6), (rows, ref)
