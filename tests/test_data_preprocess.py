@@ -273,3 +273,35 @@ def test_cli_command_line(tmp_path, sp, docs):
         assert (tmp_path / "o" / name).is_file()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_killed_worker_is_an_error_not_a_hang(tmp_path):
+    """A worker killed by the OS (e.g. out of memory) fails the run cleanly."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    src = data_write_parquet(tmp_path / "in.parquet", data_records(data_documents(3000, seed=5)), row_group_size=500)
+    (tmp_path / "o").mkdir()
+    errors = []
+
+    def target():
+        try:
+            run([src], tmp_path / "o" / "p", workers=2, chunk_docs=2)
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+            errors.append(e)
+
+    t = threading.Thread(target=target)
+    t.start()
+    deadline = time.time() + 60
+    while not multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    victims = multiprocessing.active_children()  # the pool workers this test started
+    assert victims, "no worker process seen"
+    os.kill(victims[0].pid, signal.SIGKILL)
+    t.join(timeout=120)
+    assert not t.is_alive(), "preprocess hung after a worker died"
+    assert errors and isinstance(errors[0], RuntimeError) and "died" in str(errors[0])
+    assert os.listdir(tmp_path / "o") == []

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     )
     try:
         out = preprocess(cfg)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(out), file=sys.stderr)

@@ -265,16 +265,23 @@ def _run_chunks(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iter
             yield process_chunk(chunk)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")  # safe when the caller already started threads (torch)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        pending: deque = deque()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args)
+    pending: deque = deque()
+    try:
         for chunk in chunks:
-            pending.append(pool.apply_async(process_chunk, (chunk,)))
+            pending.append(pool.submit(process_chunk, chunk))
             if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool as e:  # a worker was killed (out of memory?) instead of hanging forever
+        raise RuntimeError(f"a tokenizer worker process died unexpectedly ({e}); nothing was written") from e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- driver
