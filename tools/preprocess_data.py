@@ -31,6 +31,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (flags map one to one onto PreprocessConfig)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="parquet/jsonl[.gz|.zst] files, directories, globs, or a datasets save_to_disk folder")
     p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run; exit status 2 with a one-line error on bad input."""
     args = build_parser().parse_args(argv)
     cfg = PreprocessConfig(
         inputs=args.input,
@@ -81,6 +83,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(out), file=sys.stderr)
+    if cfg.valid_fraction > 0 and out.valid.documents == 0:
+        print(f"warning: --valid-fraction {cfg.valid_fraction} held out no document; the validation split is empty",
+              file=sys.stderr)
     for path in out.outputs:
         print(path)
     return 0

@@ -19,6 +19,7 @@ from megasink.data.tokenizer import MODEL_TYPES, TokenizerConfig, train_tokenize
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (flags map one to one onto TokenizerConfig)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="parquet/jsonl[.gz|.zst] files, directories, globs, or a datasets save_to_disk folder")
     p.add_argument("--model-prefix", required=True, help="output prefix: writes PREFIX.model, .vocab, .json")
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Train; exit status 2 with a one-line error on bad input."""
     args = build_parser().parse_args(argv)
     cfg = TokenizerConfig(
         inputs=args.input,

@@ -49,10 +49,12 @@ class IndexedFormatError(ValueError):
 
 
 def idx_path(prefix: str | os.PathLike) -> str:
+    """``PREFIX.idx``."""
     return str(prefix) + ".idx"
 
 
 def bin_path(prefix: str | os.PathLike) -> str:
+    """``PREFIX.bin``."""
     return str(prefix) + ".bin"
 
 
@@ -122,6 +124,7 @@ class IndexedDatasetWriter:
         self.num_tokens += len(tokens)
 
     def add_document(self, tokens) -> None:
+        """Append one document (one sequence)."""
         tokens = np.asarray(tokens)
         self.add_documents(tokens, np.array([len(tokens)]))
 
@@ -220,10 +223,12 @@ class IndexedDataset:
 
     @property
     def num_documents(self) -> int:
+        """Documents in the index (the document-index entries minus one)."""
         return max(len(self.document_indices) - 1, 0)
 
     @property
     def num_tokens(self) -> int:
+        """Tokens in all sequences."""
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
     def document_spans(self) -> tuple[np.ndarray, np.ndarray]:

@@ -107,10 +107,12 @@ class DataLoaderState:
     """len(dataset) when saved: a different value means the data changed."""
 
     def to_dict(self) -> dict:
+        """Plain dict of ints and a bool (JSON / torch.save)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataLoaderState":
+        """Inverse of ``to_dict``; unknown keys are errors."""
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"data loader state has unknown keys {sorted(unknown)}")
@@ -148,6 +150,7 @@ class DataLoader:
 
     @property
     def epoch(self) -> int:
+        """Epoch of the next batch (after the epoch boundary is crossed)."""
         return self.state.epoch
 
     def _permutation(self) -> IndexPermutation:
@@ -187,6 +190,7 @@ class DataLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
+        """Small JSON-serialisable state for checkpoints (see DataLoaderState)."""
         return self.state.to_dict()
 
     def load_state_dict(self, sd: dict) -> None:

@@ -25,14 +25,17 @@ class OutputExistsError(FileExistsError):
 
 
 def shard_prefix(prefix: str, index: int) -> str:
+    """``PREFIX_00003`` for index 3."""
     return f"{prefix}_{index:0{SHARD_DIGITS}d}"
 
 
 def valid_prefix(prefix: str) -> str:
+    """``PREFIX_valid``: the held-out split."""
     return f"{prefix}_valid"
 
 
 def meta_path(prefix: str) -> str:
+    """``PREFIX.meta.json``."""
     return f"{prefix}.meta.json"
 
 
@@ -85,14 +88,17 @@ class ShardedWriter:
 
     @property
     def prefixes(self) -> list[str]:
+        """File prefixes written so far (one per shard)."""
         return [w.prefix for w in self.writers]
 
     @property
     def num_documents(self) -> int:
+        """Documents written over all shards."""
         return sum(w.num_documents for w in self.writers)
 
     @property
     def num_tokens(self) -> int:
+        """Tokens written over all shards."""
         return sum(w.num_tokens for w in self.writers)
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -116,18 +122,22 @@ class ShardedWriter:
             start = stop
 
     def finalize(self) -> None:
+        """Write every shard's .idx (under temporary names)."""
         for w in self.writers:
             w.finalize()
 
     def commit(self) -> None:
+        """Rename every shard into place."""
         for w in self.writers:
             w.commit()
 
     def abort(self) -> None:
+        """Delete every shard's temporary files."""
         for w in self.writers:
             w.abort()
 
     def output_files(self) -> list[str]:
+        """Final .bin/.idx paths of all shards."""
         return [f for p in self.prefixes for f in (bin_path(p), idx_path(p))]
 
 

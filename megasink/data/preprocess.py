@@ -30,7 +30,7 @@ import numpy as np
 
 from megasink.data.indexed import token_dtype
 from megasink.data.outputs import (
-    OutputExistsError,
+    OutputExistsError,  # noqa: F401  (re-exported: raised by preprocess())
     ShardedWriter,
     check_output_prefix,
     commit_outputs,
@@ -96,6 +96,8 @@ class PreprocessConfig:
 
 @dataclass
 class SplitStats:
+    """Documents, tokens (EOS included) and UTF-8 bytes written to one split."""
+
     documents: int = 0
     tokens: int = 0
     bytes: int = 0
@@ -114,6 +116,7 @@ class PreprocessResult:
 
     @property
     def tokens(self) -> int:
+        """Tokens written to both splits."""
         return self.train.tokens + self.valid.tokens
 
 

@@ -20,7 +20,7 @@ import gzip
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -64,9 +64,9 @@ class ReadOptions:
     need_score: bool = False
     split: str = "train"
     chunk_docs: int = 256
-    columns_needed: list = field(default_factory=list)
 
     def required(self) -> list:
+        """Columns every input must have."""
         cols = [self.text_key]
         if self.need_int_score:
             cols.append("int_score")
@@ -90,9 +90,8 @@ def _is_supported_file(name: str) -> Optional[str]:
 
 
 def _is_saved_dataset(path: str) -> bool:
-    return any(
-        os.path.isfile(os.path.join(path, name)) for name in ("dataset_info.json", "state.json", "dataset_dict.json")
-    )
+    """A ``save_to_disk`` folder: ``state.json`` (Dataset) or ``dataset_dict.json`` (DatasetDict)."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
 
 
 def _walk_dir(path: str) -> list[Source]:

@@ -16,7 +16,6 @@ the options and the measured coverage.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import time

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Preprocessing and loader throughput, measured in one run on the same documents.
+
+1. raw sentencepiece encoding: ``sp.encode(text)`` over the documents, already in memory,
+   in this process (the ceiling for one worker);
+2. the whole pipeline, ``megasink.data.preprocess`` from a FineWeb-Edu-schema parquet file
+   of the same documents to .bin/.idx (reading, UTF-8 checks, filters, encoding, EOS,
+   writing; pool start-up included), with 1 and 2 worker processes;
+3. the training loader: ``build_dataset`` + ``build_loader(...).next_batch()`` on the
+   corpus just written (single and blended), tokens per second in one process.
+
+Documents: the Python documentation sources when installed (``apt-get install
+python3.11-doc``), else standard-library docstrings; ``--repeat`` concatenates copies.
+
+    python benchmarks/preprocess.py                 # prints a markdown table
+    python benchmarks/preprocess.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megasink.config import DataConfig  # noqa: E402
+from megasink.data import build_dataset, build_loader  # noqa: E402
+from megasink.data.corpus import builtin_documents, python_doc_root, write_fineweb_edu  # noqa: E402
+from megasink.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from megasink.data.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
+
+
+def raw_encode(model: str, docs: list[str]) -> dict:
+    """One pass of sp.encode over ``docs`` in this process (EOS counted, as in the files)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model)
+    start = time.perf_counter()
+    tokens = sum(len(sp.encode(d)) for d in docs) + len(docs)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "docs_per_s": len(docs) / seconds, "tokens_per_s": tokens / seconds}
+
+
+def pipeline(src: str, model: str, out_dir: str, workers: int) -> dict:
+    """One full preprocessing run; throughput over its wall time."""
+    prefix = os.path.join(out_dir, f"w{workers}", "bench")
+    res = preprocess(PreprocessConfig(inputs=[src], tokenizer_model=model, output_prefix=prefix, workers=workers,
+                                      progress=False, overwrite=True))
+    return {"seconds": res.seconds, "tokens": res.tokens, "docs": res.read, "prefix": prefix,
+            "docs_per_s": res.read / res.seconds, "tokens_per_s": res.tokens / res.seconds}
+
+
+def loader_speed(data_cfg: DataConfig, seq_len: int, mbs: int, vocab: int, seconds: float) -> float:
+    """Tokens per second delivered by next_batch() in this process."""
+    ds = build_dataset(data_cfg, seq_len, vocab, seed=1)
+    loader = build_loader(ds, mbs, dp_rank=0, dp_size=1, seed=1)
+    loader.next_batch()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        n += loader.next_batch()["tokens"].numel()
+    return n / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    """Build the corpus and tokenizer, run the measurements, print the tables."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3, help="copies of the document set (default 3)")
+    ap.add_argument("--vocab-size", type=int, default=16000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[2048, 256])
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--trials", type=int, default=3, help="interleaved repetitions; the best of each is kept")
+    ap.add_argument("--json", help="also write the numbers here")
+    args = ap.parse_args(argv)
+
+    docs = builtin_documents() * args.repeat
+    source = "Python documentation (python3-doc)" if python_doc_root() else "stdlib docstrings"
+    mb = sum(len(d.encode()) for d in docs) / 1e6
+    results: dict = {"documents": len(docs), "megabytes": round(mb, 1), "source": source, "cpus": os.cpu_count(),
+                     "load_average_before": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_fineweb_edu(docs, os.path.join(tmp, "fineweb-edu.parquet"))
+        model_prefix = os.path.join(tmp, "tok")
+        tok = train_tokenizer(TokenizerConfig(inputs=[src], model_prefix=model_prefix, vocab_size=args.vocab_size,
+                                              max_docs=3000))
+        results["tokenizer_train_seconds"] = tok["seconds"]
+        model = model_prefix + ".model"
+        # trials interleave the measurements so that load from other processes hits all alike;
+        # each measurement keeps its fastest trial
+        for trial in range(args.trials):
+            runs = {"raw": raw_encode(model, docs)}
+            runs.update({f"pipeline_{w}": pipeline(src, model, tmp, w) for w in args.workers})
+            for key, value in runs.items():
+                print(f"trial {trial}: {key} {value['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+                if key not in results or value["tokens_per_s"] > results[key]["tokens_per_s"]:
+                    results[key] = value
+        prefix = results[f"pipeline_{args.workers[0]}"]["prefix"]
+        for L in args.seq_len:
+            results[f"loader_{L}"] = loader_speed(DataConfig(path=[prefix]), L, args.micro_batch_size, args.vocab_size, 3.0)
+            blend = DataConfig(path=[f"0.7 {prefix}", f"0.3 {results[f'pipeline_{args.workers[-1]}']['prefix']}"])
+            results[f"loader_blend_{L}"] = loader_speed(blend, L, args.micro_batch_size, args.vocab_size, 3.0)
+    print_table(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def print_table(r: dict, args) -> None:
+    """Markdown tables of the results (as pasted into benchmarks/RESULTS.md)."""
+    raw = r["raw"]["tokens_per_s"]
+    print(f"documents: {r['documents']:,} ({r['megabytes']} MB UTF-8, {r['source']}), vocab {args.vocab_size}, "
+          f"{r['cpus']} CPUs (load average {r['load_average_before']:.2f} at start); "
+          f"tokenizer training {r['tokenizer_train_seconds']:.1f}s; best of {args.trials} interleaved trials")
+    print()
+    print("| measurement | docs/s | tokens/s | per worker vs raw encode | vs 1 worker |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| raw sp.encode, 1 process | {r['raw']['docs_per_s']:,.0f} | {raw:,.0f} | 100% | |")
+    one = r.get("pipeline_1", {}).get("tokens_per_s")
+    for w in args.workers:
+        p = r[f"pipeline_{w}"]
+        per_worker = p["tokens_per_s"] / w / raw
+        speedup = f"{p['tokens_per_s'] / one:.2f}x" if one else ""
+        print(f"| pipeline, {w} worker{'s' if w > 1 else ''} | {p['docs_per_s']:,.0f} | {p['tokens_per_s']:,.0f} | "
+              f"{100 * per_worker:.0f}% | {speedup} |")
+    print()
+    print("| loader (1 process, micro-batch %d) | tokens/s |" % args.micro_batch_size)
+    print("|---|---:|")
+    for L in args.seq_len:
+        print(f"| seq_len {L} | {r[f'loader_{L}']:,.0f} |")
+        print(f"| seq_len {L}, blend of 2 | {r[f'loader_blend_{L}']:,.0f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
