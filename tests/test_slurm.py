@@ -352,3 +352,21 @@ def test_torchrun_restart_resumes_from_latest(cluster, uninterrupted, tmp_path):
     ref = {r["step"]: r["loss"] for r in _metrics(ref_dir)}
     for r in rows:  # steps redone after the restart reproduce the reference too
         assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-5, abs=1e-6), (rows, ref)
+
+
+def test_finetune_from_the_pretrained_checkpoint(cluster, uninterrupted, tmp_path):
+    _, ref_info, ref_dir = uninterrupted
+    assert ref_info["JobState"] == "COMPLETED", "the pretraining run to start from failed"
+    run_dir = tmp_path / "run"
+    jid = cluster.sbatch(*_cpu_job_args(tmp_path, 1), "slurm/finetune.sbatch", "configs/tiny-sink.yaml",
+                         f"run_dir={run_dir}", *TINY, f"train.init_from={ref_dir}/checkpoints", "train.steps=10",
+                         "aux_loss.coef=1e-2", "aux_loss.shared_heads=1",
+                         export={"MEGASINK_NPROC_PER_NODE": 2, "MEGASINK_RDZV_PORT": _free_port()})
+    info = cluster.wait(jid, timeout=150)
+    log = Path(info["StdOut"]).read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", cluster.diagnose(jid)
+    assert info["JobName"] == "megasink-finetune"
+    assert "shared heads" in log, log
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [5, 10], rows
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_10"
