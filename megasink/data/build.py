@@ -61,6 +61,8 @@ def resolve_prefix(prefix: str, key: str = "data.path") -> list[str]:
     """File prefixes behind ``prefix``: itself, or its shards ``prefix_NNNNN``."""
     if exists(prefix):
         return [prefix]
+    if prefix.endswith((".bin", ".idx")) and exists(prefix[:-4]):  # a file name given for the prefix
+        return [prefix[:-4]]
     shards = find_shards(prefix)
     if shards:
         return shards

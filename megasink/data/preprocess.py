@@ -200,7 +200,7 @@ def _keep(text, int_score, score, opts: _WorkerOptions, skipped: Counter) -> Opt
     except UnicodeEncodeError:
         skipped["invalid_utf8"] += 1
         return None
-    if not text.strip():
+    if not text or text.isspace():
         skipped["empty"] += 1
         return None
     if opts.min_int_score is not None:
