@@ -282,6 +282,7 @@ def test_build_dataset_errors_name_the_problem(corpus, tmp_path):
         build_dataset(DataConfig(path=[str(tmp_path / "nowhere" / "x")]), 32, 512, 0)
     lone = write_docs(tmp_path / "lone", [np.arange(100) % 50])
     assert len(build_dataset(DataConfig(path=[lone]), 32, 512, 0)) == 3
+    assert len(build_dataset(DataConfig(path=[lone + ".bin"]), 32, 512, 0)) == 3  # file name for the prefix
     with pytest.raises(FileNotFoundError, match="lone_valid.*--valid-fraction"):
         build_dataset(DataConfig(path=[lone]), 32, 512, 0, split="valid")
     with pytest.raises(ValueError, match="fewer than seq_len"):
