@@ -68,9 +68,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims, lr_lam
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             eps=1e-8, foreach=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    is_pipe = type(model).__name__ == "PipelineModule"  # it brings its own grid (mpu)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, dims), mpu=dims,
-        dist_init_required=False,
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, dims),
+        mpu=None if is_pipe else dims, dist_init_required=False,
     )
     return engine, optimizer, scheduler
 

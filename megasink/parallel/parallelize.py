@@ -1,5 +1,6 @@
 """Apply parallelism to a plain single-device model, in a fixed order (torchtitan style):
-tensor parallelism, then pipeline split. Data parallelism and ZeRO come from DeepSpeed."""
+tensor parallelism here, then the pipeline split (parallel/pipeline.py). Data parallelism and
+ZeRO come from DeepSpeed."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,4 @@ def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims) -> torc
         from megasink.parallel.tensor import apply_tensor_parallel
 
         model = apply_tensor_parallel(model, dims)
-    if dims.pp > 1:
-        raise NotImplementedError("pipeline parallelism (parallel.pp > 1) is not implemented yet")
-    return model
+    return model  # pipeline stages are cut by megasink.parallel.pipeline.build_pipeline_module

@@ -105,13 +105,27 @@ def build_everything(cfg: Config, dims):
         setup_shared_heads(model, cfg, dims, train_ds)
     model = parallelize(model, cfg, dims)
     loader = build_loader(train_ds, cfg.train.micro_batch_size, dims.dp_rank, dims.dp, cfg.train.seed)
+    valid_ds = _validation_set(cfg)
+    if dims.pp > 1:
+        from megasink.parallel.pipeline import build_pipeline_module
+        from megasink.train.pipeline_trainer import PipelineTrainer
+
+        pipe, ctx = build_pipeline_module(model, cfg, dims)
+        return PipelineTrainer(cfg, dims, pipe, ctx, model.shared_heads, loader, valid_ds)
+    return Trainer(cfg, dims, model, loader, valid_ds)
+
+
+def _validation_set(cfg: Config):
+    from megasink.data import build_dataset
+
+    m = cfg.model
     valid_ds = None
     if cfg.train.eval_interval or cfg.data.valid_path or cfg.data.path != ["synthetic"]:
         try:
             valid_ds = build_dataset(cfg.data, m.seq_len, m.vocab_size, cfg.train.seed, split="valid")
         except FileNotFoundError as e:
             _rank0_print(f"[megasink] no validation split: {e}")
-    return Trainer(cfg, dims, model, loader, valid_ds)
+    return valid_ds
 
 
 def run(cfg: Config, where: str = "<config>") -> dict:

@@ -45,11 +45,17 @@ def _slice_tp(full: torch.Tensor, p: torch.nn.Parameter, dims: ParallelDims) -> 
 
 
 def _named_params(engine):
-    return list(engine.module.named_parameters())
+    """(Transformer state_dict name, parameter) for this rank's parameters."""
+    named = list(engine.module.named_parameters())
+    if type(engine.module).__name__ == "PipelineModule":
+        from megasink.parallel.pipeline import canonical_name
+
+        named = [(canonical_name(n), p) for n, p in named]
+    return named
 
 
 def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, state: dict,
-                        keep_last: int) -> Path:
+                        keep_last: int, shared_heads: Optional[torch.Tensor] = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     root = Path(cfg.run_dir) / "checkpoints"
     final = root / ckpt.step_dir_name(step)
@@ -67,9 +73,8 @@ def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, stat
             v = eng.full_optim_state(engine, p, key)
             if v is not None:
                 optim_sd[f"{key}/{name}"] = _gather_tp(v, p, dims)
-    for name, buf in engine.module.named_buffers():
-        if name == "shared_heads":
-            model_sd[name] = buf
+    if shared_heads is not None and dims.pp_rank == 0:
+        model_sd["shared_heads"] = shared_heads
     writer = dims.tp_rank == 0 and dims.dp_rank == 0
     suffix = "" if dims.pp == 1 else f"-stage{dims.pp_rank}-of-{dims.pp}"
     if writer:
@@ -104,8 +109,10 @@ def _rng_state() -> dict:
     return st
 
 
-def load_training_state(engine, ckpt_dir: Path, dims: ParallelDims) -> dict:
-    """Collective: load weights, moments, step counts, RNG into the engine; return state.json."""
+def load_training_state(engine, ckpt_dir: Path, dims: ParallelDims,
+                        shared_heads: Optional[torch.Tensor] = None) -> dict:
+    """Collective: load weights, moments, step counts, RNG (and the shared-heads mask into
+    `shared_heads`) into the engine; return state.json."""
     model_sd = ckpt.load_model_tensors(ckpt_dir)
     optim_sd = ckpt.load_optim_tensors(ckpt_dir)
     state = json.loads((ckpt_dir / "state.json").read_text()) if (ckpt_dir / "state.json").exists() else {}
@@ -118,9 +125,8 @@ def load_training_state(engine, ckpt_dir: Path, dims: ParallelDims) -> dict:
         eng.set_full_param(engine, p, _slice_tp(model_sd[name], p, dims))
         for key in MOMENTS if optim_sd else ():
             eng.set_full_optim_state(engine, p, key, _slice_tp(optim_sd[f"{key}/{name}"], p, dims))
-    for name, buf in engine.module.named_buffers():
-        if name == "shared_heads" and name in model_sd:
-            buf.copy_(model_sd[name])
+    if shared_heads is not None and "shared_heads" in model_sd:
+        shared_heads.copy_(model_sd["shared_heads"])
     if optim_sd and "optimizer_step" in state:
         eng.set_optimizer_step_count(engine, state["optimizer_step"])
     rng = ckpt_dir / f"rng_rank{dist.get_rank()}.pt"

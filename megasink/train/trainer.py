@@ -72,6 +72,10 @@ class Trainer:
         self.last_metrics: dict = {}
 
     # ------------------------------------------------------------------ statistics
+    def _shared_heads_full(self) -> torch.Tensor:
+        """(L, H) bool, the same tensor the model uses (updated in place on resume)."""
+        return self.model.shared_heads
+
     def _routed(self) -> torch.Tensor:
         return self.model.routed_mask()
 
@@ -176,7 +180,9 @@ class Trainer:
             b = loader.next_batch()
             total += self._global_mean(self.engine(b["tokens"], b["doc_ids"], targets=b["targets"]).loss)
         self.engine.train()
-        val_loss = total / n
+        return self._eval_record(total / n)
+
+    def _eval_record(self, val_loss: float) -> dict:
         out = {"val_loss": val_loss}
         bpt = getattr(self.valid_ds, "bytes_per_token", None)
         if bpt:
@@ -188,10 +194,10 @@ class Trainer:
         st = {"counters": {"skipped_steps": self.counters.skipped_steps, "tokens": self.counters.tokens},
               "scheduler": {"last_epoch": self.scheduler.last_epoch}, "loader": self.loader.state_dict()}
         return train_state.save_training_state(self.engine, self.cfg, self.dims, self.counters.step, st,
-                                               self.cfg.train.keep_last)
+                                               self.cfg.train.keep_last, self._shared_heads_full())
 
     def resume(self, ckpt_dir: Path) -> None:
-        st = train_state.load_training_state(self.engine, ckpt_dir, self.dims)
+        st = train_state.load_training_state(self.engine, ckpt_dir, self.dims, self._shared_heads_full())
         self.counters.step = st.get("step", 0)
         c = st.get("counters", {})
         self.counters.skipped_steps, self.counters.tokens = c.get("skipped_steps", 0), c.get("tokens", 0)
