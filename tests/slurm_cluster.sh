@@ -167,9 +167,16 @@ cmd_start() {
     [[ $(id -u) -eq 0 ]] || skip "starting slurmctld/slurmd/munged needs root"
     cmd_install
     export PATH="$PATH:/usr/sbin:/sbin"
+    if ((nodes > 1)); then
+        unshare --uts true 2>/dev/null ||
+            skip "cannot create UTS namespaces (unshare --uts) for $nodes nodes on one machine (needs CAP_SYS_ADMIN)"
+        [[ -w /etc/hosts ]] || skip "/etc/hosts is not writable (the node names msnode1.. must resolve)"
+    fi
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     [[ ! -e $dir/slurm.conf ]] || die "$dir already holds a cluster (stop it first)"
+    # Whatever started is stopped again if anything below fails.
+    trap 'cmd_stop "$dir" >/dev/null 2>&1 || true' EXIT
     mkdir -p "$dir"/{munge,state,spool,run,log}
     chmod 755 "$dir" "$dir/munge"   # munged's socket dir must be world-executable
     chmod 700 "$dir/state"
@@ -209,9 +216,9 @@ cmd_start() {
         echo "--- sinfo" >&2
         sinfo -N -o '%N %T %E' >&2 || true
         tail -n 20 "$dir"/log/*.log "$dir"/log/*.out >&2 || true
-        cmd_stop "$dir" || true
         die "the cluster did not come up (logs above)"
     fi
+    trap - EXIT
     echo "slurm_cluster.sh: cluster up in $dir: $(paste -sd, "$dir/nodes") (source $dir/env.sh)" >&2
 }
 
@@ -235,14 +242,17 @@ stepd_pids() {
     done
 }
 
-stop_pid() {  # stop_pid PID: TERM, wait up to 10 s, then KILL
-    local pid=$1
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 50); do
-        [[ -d /proc/$pid ]] || return 0
-        sleep 0.2
+stop_pids() {  # stop_pids PID...: TERM them all, wait up to 10 s, then KILL what is left
+    local pid left
+    (($# > 0)) || return 0
+    kill -TERM "$@" 2>/dev/null || true
+    for _ in $(seq 100); do
+        left=0
+        for pid in "$@"; do [[ -d /proc/$pid ]] && left=1; done
+        ((left)) || return 0
+        sleep 0.1
     done
-    kill -KILL "$pid" 2>/dev/null || true
+    kill -KILL "$@" 2>/dev/null || true
 }
 
 no_jobs() { [[ -z $(squeue -h -o %i 2>/dev/null) ]]; }
@@ -260,15 +270,20 @@ cmd_stop() {
         ((${#jobs[@]} == 0)) || scancel --quiet "${jobs[@]}" 2>/dev/null || true
         wait_for 20 "jobs gone" no_jobs || true
     fi
-    for pid in $(stepd_pids "$dir"); do stop_pid "$pid"; done
+    local -a pids
+    mapfile -t pids < <(stepd_pids "$dir")
+    stop_pids "${pids[@]}"
+    pids=()
     if [[ -f $dir/nodes ]]; then
         while read -r n; do
-            if pid=$(live_pid "$dir/run/slurmd-$n.pid" slurmd); then stop_pid "$pid"; fi
+            if pid=$(live_pid "$dir/run/slurmd-$n.pid" slurmd); then pids+=("$pid"); fi
         done <"$dir/nodes"
     fi
-    if pid=$(live_pid "$dir/run/slurmctld.pid" slurmctld); then stop_pid "$pid"; fi
-    if pid=$(live_pid "$dir/run/munged.pid" munged); then stop_pid "$pid"; fi
-    for pid in $(stepd_pids "$dir"); do stop_pid "$pid"; done
+    if pid=$(live_pid "$dir/run/slurmctld.pid" slurmctld); then pids+=("$pid"); fi
+    stop_pids "${pids[@]}"
+    if pid=$(live_pid "$dir/run/munged.pid" munged); then stop_pids "$pid"; fi
+    mapfile -t pids < <(stepd_pids "$dir")
+    stop_pids "${pids[@]}"
     remove_hosts "$dir"
     echo "slurm_cluster.sh: cluster in $dir stopped" >&2
 }
