@@ -125,7 +125,12 @@ def cluster(tmp_path_factory):
     if r.returncode == SKIP_CODE:
         _skip_or_fail(f"cannot start the Slurm test cluster: {_script_reason(r.stderr)}")
     assert r.returncode == 0, f"slurm_cluster.sh start failed:\n{r.stderr}"
-    env = dict(os.environ, SLURM_CONF=str(path / "slurm.conf"), MEGASINK_PYTHON=sys.executable)
+    # Jobs inherit the submitting environment (--export=ALL): keep other tests' launch
+    # variables (RANK, MASTER_PORT, OMP_NUM_THREADS, ...) out of it.
+    leaky = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items()
+           if k not in leaky and not k.startswith(("SLURM_", "TORCHELASTIC_", "MEGASINK_"))}
+    env.update(SLURM_CONF=str(path / "slurm.conf"), MEGASINK_PYTHON=sys.executable)
     env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/sbin"
     try:
         yield Cluster(path, env)
