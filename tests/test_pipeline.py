@@ -67,3 +67,15 @@ def test_pipeline_activation_checkpointing_same_numbers(tmp_path):
     on = _train(tmp_path, config, "on", 2, common + ["train.activation_checkpointing=true"])
     for key in ("loss", "aux_loss", "grad_norm"):
         assert losses(on, key) == losses(off, key)
+
+
+@pytest.mark.slow
+def test_pipeline_without_aux_loss_matches(tmp_path):
+    # coef 0: no statistics pass, the importance for logging comes with the training pass
+    config = "configs/tiny-gated.yaml"
+    common = ["train.steps=3", "aux_loss.coef=0"]
+    ref = _train(tmp_path, config, "ref", 1, common)
+    run = _train(tmp_path, config, "pp2", 2, common + ["parallel.pp=2"])
+    for key in ("loss", "grad_norm"):
+        _close(losses(run, key), losses(ref, key))
+    assert _cv(run).keys() == _cv(ref).keys()

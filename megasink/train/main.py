@@ -28,6 +28,7 @@ def parse_args(argv):
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config (see configs/); unknown keys are errors")
     ap.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100 parallel.tp=2")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
 

@@ -1,7 +1,7 @@
 """The training step under pipeline parallelism (DeepSpeed PipelineEngine, 1F1B).
 
-Per optimizer step: (1) a no-grad pipelined pass over the step's micro-batches collects each
-stage's gate sums and screens the loss for non-finite values; (2) each stage makes its
+Per optimizer step, with the aux loss on: (1) a no-grad pipelined pass over the step's
+micro-batches collects each stage's gate sums and screens the loss for non-finite values; (2) each stage makes its
 layers' statistics global (DP sum, TP gather), computes d(L_aux)/d(gate sums) for its layers
 and arms its pipe layers to inject it; (3) ``train_batch`` runs the 1F1B schedule. The
 logged aux loss is the sum of the stages' shares (all-reduced over the pipeline group) and
@@ -40,28 +40,31 @@ class PipelineTrainer(Trainer):
         return stats.globalize(sums, self.ctx.count, self.dims)
 
     def train_step(self, batches) -> StepResult:
-        coef = self.cfg.aux_loss.coef
-        self.ctx.mode = "collect"
         self.ctx.reset()
-        pre_loss = self.engine.eval_batch(self._items(batches), num_micro_batches=len(batches))
-        self.engine.train()
-        g_sums, g_count = self._stage_statistics()
-        aux_stage, grad = self._aux(g_sums, g_count)
-        if not bool(torch.isfinite(torch.as_tensor(pre_loss)).all()):
-            return StepResult(float(pre_loss), float("nan"), imp_lib.importance(g_sums, g_count), False, None, True)
-        if coef > 0:
+        if self.cfg.aux_loss.coef > 0:
+            self.ctx.mode = "collect"  # the no-grad statistics pass: global importance first
+            pre_loss = self.engine.eval_batch(self._items(batches), num_micro_batches=len(batches))
+            self.engine.train()
+            g_sums, g_count = self._stage_statistics()
+            aux_stage, grad = self._aux(g_sums, g_count)
+            if not bool(torch.isfinite(torch.as_tensor(pre_loss)).all()):
+                return StepResult(float(pre_loss), float("nan"), imp_lib.importance(g_sums, g_count), False, None, True)
             local = stats.local_heads(grad, self.dims) * self.dims.dp  # DP averages gradients
             self.ctx.grad = {i: local[k] for k, i in enumerate(self.layers)}
             self.ctx.mode = "inject"
         else:
-            self.ctx.mode = "off"
+            self.ctx.mode = "collect"  # no aux gradient: statistics for logging come with the step
         skipped_before = self.engine.skipped_steps
         loss = self.engine.train_batch(self._items(batches))
         self.ctx.mode = "off"
+        if self.cfg.aux_loss.coef == 0:
+            g_sums, g_count = self._stage_statistics()
+            aux_stage = torch.zeros(())
         aux_total = aux_stage.clone().reshape(1)
         dist.all_reduce(aux_total, group=self.dims.group("pp"))  # every stage's layers' share
         grad_norm = self.engine.get_global_grad_norm()
-        skipped = self.engine.skipped_steps > skipped_before
+        finite = bool(torch.isfinite(torch.as_tensor(loss)).all())
+        skipped = self.engine.skipped_steps > skipped_before or not finite
         return StepResult(float(loss), float(aux_total), imp_lib.importance(g_sums, g_count), not skipped,
                           None if grad_norm is None else float(grad_norm), skipped)
 
