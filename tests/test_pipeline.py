@@ -79,3 +79,16 @@ def test_pipeline_without_aux_loss_matches(tmp_path):
     for key in ("loss", "grad_norm"):
         _close(losses(run, key), losses(ref, key))
     assert _cv(run).keys() == _cv(ref).keys()
+
+
+@pytest.mark.slow
+def test_pipeline_tied_embeddings_with_tp(tmp_path):
+    # embedding on the first stage, output on the last, one matrix (DeepSpeed TiedLayerSpec)
+    config = "configs/tiny-sink.yaml"
+    common = ["train.steps=4", "train.save_interval=2", "model.tie_embeddings=true", "parallel.zero_stage=1"]
+    ref = _train(tmp_path, config, "ref", 1, common)
+    run = _train(tmp_path, config, "pp2tp2", 4, common + LAYOUTS["pp2_tp2"])
+    for key in ("loss", "aux_loss", "grad_norm"):
+        _close(losses(run, key), losses(ref, key))
+    single = _train(tmp_path, config, "single", 1, common + [f"train.resume={run}/checkpoints/step_2"])
+    _close(losses(single), losses(ref), keys=[3, 4])

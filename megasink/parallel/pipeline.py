@@ -5,7 +5,8 @@ The (possibly tensor-parallel) Transformer is cut into pipe layers::
     EmbedPipe -> BlockPipe(0) ... BlockPipe(L-1) -> HeadPipe      (+ loss_fn on the last stage)
 
 balanced by block count over ``pp`` stages (embedding on the first, norm + head + loss on
-the last). Activations travel between stages as ``(h, doc_ids)``; each stage rebuilds the
+the last; with ``model.tie_embeddings`` the two share one matrix through DeepSpeed's
+TiedLayerSpec). Activations travel between stages as ``(h, doc_ids)``; each stage rebuilds the
 document layout from ``doc_ids`` for its own masks, positions and gates. Parameter names
 inside each wrapper equal the Transformer's, so "<pipe index>.<name>" maps back to a
 Transformer state_dict key by dropping the first component (``canonical_name``).
@@ -106,17 +107,47 @@ class BlockPipe(nn.Module):
 
 
 class HeadPipe(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, with_output: bool = True):
         super().__init__()
-        self.norm, self.output = model.norm, model.output
+        self.norm = model.norm
+        self.output = model.output if with_output else None
 
     def forward(self, inputs):
         h, _ = inputs
-        return self.output(self.norm(h))  # (B, T, V_local)
+        h = self.norm(h)
+        return self.output(h) if self.output is not None else h  # (B, T, V_local) or (B, T, d)
+
+
+class TiedVocab(nn.Module):
+    """Tied input embedding / output projection, owned by the first and the last stage;
+    DeepSpeed keeps the two copies equal (weights broadcast, gradients all-reduced)."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding  # nn.Embedding, or its vocabulary shard under TP
+
+
+def _tied_embed(module: TiedVocab, inputs):
+    tokens, doc_ids = inputs
+    return module.embedding(tokens), doc_ids
+
+
+def _tied_head(module: TiedVocab, h):
+    from megasink.parallel.tensor import CopyToTP
+
+    group = getattr(module.embedding, "group", None)
+    if group is not None:
+        h = CopyToTP.apply(h, group)
+    return torch.nn.functional.linear(h, module.embedding.weight)  # (B, T, V_local)
+
+
+TIED_PREFIX = "tied_modules.vocab.embedding."
 
 
 def canonical_name(pipe_name: str) -> str:
-    """'<pipe layer index>.<Transformer name>' -> '<Transformer name>'."""
+    """'<pipe layer index>.<Transformer name>' (or the tied vocabulary) -> Transformer name."""
+    if pipe_name.startswith(TIED_PREFIX):
+        return "tok_embeddings." + pipe_name[len(TIED_PREFIX):]
     return pipe_name.split(".", 1)[1]
 
 
@@ -134,12 +165,18 @@ def build_pipeline_module(model, cfg: Config, dims: ParallelDims):
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    if cfg.model.tie_embeddings:
-        raise ValueError("model.tie_embeddings with parallel.pp > 1 is not supported yet: untie, or use pp=1")
+    from deepspeed.pipe import TiedLayerSpec
+
     ctx = StageContext()
     mine = stage_layers(cfg.model.n_layers, dims)
     blocks = [BlockPipe(model, i, ctx, first_of_stage=(i == mine.start)) for i in range(cfg.model.n_layers)]
-    layers = [EmbedPipe(model), *blocks, HeadPipe(model)]
+    if cfg.model.tie_embeddings:
+        tied = dict(tied_weight_attr=["embedding.weight"])
+        layers = [TiedLayerSpec("vocab", TiedVocab, model.tok_embeddings, forward_fn=_tied_embed, **tied), *blocks,
+                  HeadPipe(model, with_output=False),
+                  TiedLayerSpec("vocab", TiedVocab, model.tok_embeddings, forward_fn=_tied_head, **tied)]
+    else:
+        layers = [EmbedPipe(model), *blocks, HeadPipe(model)]
     cross_entropy = model.cross_entropy
 
     def loss_fn(logits, targets):
