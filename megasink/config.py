@@ -362,6 +362,14 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     for key in ("tp", "pp"):
         if getattr(p, key) < 1:
             raise ConfigError(f"{where}: parallel.{key} must be >= 1")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"{where}: parallel.pp={p.pp} needs parallel.zero_stage 0 or 1 "
+                          "(DeepSpeed's pipeline engine does not support ZeRO-2/3)")
+    if p.pp > 1 and p.zero_stage == 0 and t.grad_clip > 0:
+        raise ConfigError(f"{where}: parallel.pp={p.pp} with parallel.zero_stage=0 clips gradients per stage in "
+                          "DeepSpeed, not by the global norm: use parallel.zero_stage=1 or train.grad_clip=0")
+    if p.pp > 1 and a.accumulation != "global":
+        raise ConfigError(f"{where}: aux_loss.accumulation={a.accumulation!r} is not supported with parallel.pp > 1")
     m = cfg.model
     if m.n_heads % p.tp:
         raise ConfigError(f"{where}: model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}")

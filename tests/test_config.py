@@ -54,3 +54,11 @@ def test_unknown_variant(tmp_path):
 def test_heads_not_divisible_by_tp():
     with pytest.raises(ConfigError, match="n_heads=10 is not divisible by parallel.tp=4"):
         load_config("configs/0.6b-sink.yaml", ["parallel.tp=4"])
+
+
+def test_pipeline_constraints_named():
+    with pytest.raises(ConfigError, match="parallel.pp=2 needs parallel.zero_stage 0 or 1"):
+        load_config("configs/tiny-sink.yaml", ["parallel.pp=2", "parallel.zero_stage=2"])
+    with pytest.raises(ConfigError, match="clips gradients per stage"):
+        load_config("configs/tiny-sink.yaml", ["parallel.pp=2"])
+    load_config("configs/tiny-sink.yaml", ["parallel.pp=2", "train.grad_clip=0"])

@@ -62,7 +62,7 @@ def test_pipeline_checkpoint_changes_layout_both_ways(tmp_path):
 @pytest.mark.slow
 def test_pipeline_activation_checkpointing_same_numbers(tmp_path):
     config = "configs/tiny-gated.yaml"
-    common = ["train.steps=3", "parallel.pp=2"]
+    common = ["train.steps=3", "parallel.pp=2", "parallel.zero_stage=1"]
     off = _train(tmp_path, config, "off", 2, common)
     on = _train(tmp_path, config, "on", 2, common + ["train.activation_checkpointing=true"])
     for key in ("loss", "aux_loss", "grad_norm"):
@@ -73,7 +73,7 @@ def test_pipeline_activation_checkpointing_same_numbers(tmp_path):
 def test_pipeline_without_aux_loss_matches(tmp_path):
     # coef 0: no statistics pass, the importance for logging comes with the training pass
     config = "configs/tiny-gated.yaml"
-    common = ["train.steps=3", "aux_loss.coef=0"]
+    common = ["train.steps=3", "aux_loss.coef=0", "parallel.zero_stage=1"]
     ref = _train(tmp_path, config, "ref", 1, common)
     run = _train(tmp_path, config, "pp2", 2, common + ["parallel.pp=2"])
     for key in ("loss", "grad_norm"):

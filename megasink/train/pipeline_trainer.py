@@ -72,11 +72,7 @@ class PipelineTrainer(Trainer):
     def evaluate(self) -> dict:
         if self.valid_ds is None:
             return {}
-        from megasink.data import build_loader
-
-        loader = build_loader(self.valid_ds, self.cfg.train.micro_batch_size, self.dims.dp_rank, self.dims.dp,
-                              self.cfg.train.seed, shuffle=False)
-        batches = [loader.next_batch() for _ in range(self.cfg.train.eval_steps)]
+        batches = self._valid_batches()
         self.ctx.mode = "off"
         val_loss = float(self.engine.eval_batch(self._items(batches), num_micro_batches=len(batches)))
         self.engine.train()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megasink.config import Config, save_config
 from megasink.parallel import engine as eng
 from megasink.parallel.dims import ParallelDims
+from megasink.parallel.state_utils import gather_tp_tensor, slice_tp_tensor
 from megasink.train import checkpoint as ckpt
 from megasink.utils import atomic_write_text, fsync_dir
 
@@ -28,20 +29,11 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _gather_tp(t: torch.Tensor, p: torch.nn.Parameter, dims: ParallelDims) -> torch.Tensor:
-    """Local shard -> full tensor along the parameter's tp_shard_dim (replicated: as is)."""
-    dim = getattr(p, "tp_shard_dim", None)
-    if dim is None or dims.tp == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dims.tp)]
-    dist.all_gather(parts, t.contiguous(), group=dims.group("tp"))  # tp x local shard
-    return torch.cat(parts, dim=dim)
+    return gather_tp_tensor(t, getattr(p, "tp_shard_dim", None), dims)
 
 
 def _slice_tp(full: torch.Tensor, p: torch.nn.Parameter, dims: ParallelDims) -> torch.Tensor:
-    dim = getattr(p, "tp_shard_dim", None)
-    if dim is None or dims.tp == 1:
-        return full
-    return full.chunk(dims.tp, dim=dim)[dims.tp_rank].contiguous()
+    return slice_tp_tensor(full, getattr(p, "tp_shard_dim", None), dims)
 
 
 def _named_params(engine):

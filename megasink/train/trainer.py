@@ -165,22 +165,23 @@ class Trainer:
         return v.item() / self.dims.dp
 
     # ------------------------------------------------------------------ evaluation
+    def _valid_batches(self) -> list:
+        from megasink.data import iter_validation_batches
+
+        t = self.cfg.train
+        return list(iter_validation_batches(self.valid_ds, t.micro_batch_size, t.eval_steps, self.dims.dp_rank,
+                                            self.dims.dp))
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         if self.valid_ds is None:
             return {}
-        from megasink.data import build_loader
-
-        loader = build_loader(self.valid_ds, self.cfg.train.micro_batch_size, self.dims.dp_rank, self.dims.dp,
-                              self.cfg.train.seed, shuffle=False)
         self.engine.eval()
-        total = 0.0
-        n = self.cfg.train.eval_steps
-        for _ in range(n):
-            b = loader.next_batch()
-            total += self._global_mean(self.engine(b["tokens"], b["doc_ids"], targets=b["targets"]).loss)
+        batches = self._valid_batches()
+        total = sum(self._global_mean(self.engine(b["tokens"], b["doc_ids"], targets=b["targets"]).loss)
+                    for b in batches)
         self.engine.train()
-        return self._eval_record(total / n)
+        return self._eval_record(total / len(batches))
 
     def _eval_record(self, val_loss: float) -> dict:
         out = {"val_loss": val_loss}
