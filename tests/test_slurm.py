@@ -72,6 +72,7 @@ def _tools_or_skip() -> None:
 class Cluster:
     def __init__(self, path: Path, env: dict):
         self.path, self.env = path, env
+        self._pending_since: dict = {}
 
     def run(self, *cmd, check=True, timeout=60) -> subprocess.CompletedProcess:
         r = subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=timeout)
@@ -101,8 +102,15 @@ class Cluster:
         raise AssertionError(f"job {jid} not finished after {timeout} s: {self.job(jid)}\n{self.diagnose(jid)}")
 
     def release_requeued(self, info: dict) -> None:
-        """A requeued job waits ~2 min (BeginTime); tests need not."""
-        if info["JobState"] == "PENDING" and int(info.get("Restarts", "0")) > 0:
+        """A requeued job waits ~2 min (BeginTime); tests need not.
+
+        Not at once: slurmd refuses to start a job id whose old credential was revoked in
+        the same second ("Job credential revoked"), which the 2 min delay normally avoids.
+        """
+        if info["JobState"] != "PENDING" or int(info.get("Restarts", "0")) == 0:
+            return
+        first_seen = self._pending_since.setdefault(info["JobId"], time.monotonic())
+        if time.monotonic() - first_seen >= 3:
             self.run("scontrol", "update", f"JobId={info['JobId']}", "StartTime=now", check=False)
 
     def diagnose(self, jid: int | None = None) -> str:
