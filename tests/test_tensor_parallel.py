@@ -43,7 +43,7 @@ def _tp_worker(rank, world_size):
 
     from megasink.parallel.dims import ParallelDims
     from megasink.parallel.tensor import apply_tensor_parallel
-    from megasink.parallel.state_utils import gather_tp_tensor
+    from megasink.parallel.state_utils import gather_tp_tensor, slice_tp_tensor
 
     init_gloo(rank, world_size)
     dims = ParallelDims(tp=world_size, pp=1, dp=1, rank=rank)
@@ -51,13 +51,16 @@ def _tp_worker(rank, world_size):
     results = {}
     for variant in VARIANTS:
         cfg = _cfg(variant)
+        full = dict(build_seeded(cfg, coef=1.0).named_parameters())
         model = apply_tensor_parallel(build_seeded(cfg, coef=1.0), dims)
+        init_sliced = all(torch.equal(p, slice_tp_tensor(full[n], getattr(p, "tp_shard_dim", None), dims))
+                          for n, p in model.named_parameters())
         tokens, doc, targets = _batch(cfg)
         out = model(tokens, doc, targets=targets)
         logits = gather_tp_tensor(out.logits.detach(), 2, dims)
         grads = _grads(model, out, lambda p, g: gather_tp_tensor(g, getattr(p, "tp_shard_dim", None), dims))
         results[variant] = {"logits": logits, "loss": out.loss.detach(), "aux": out.aux_loss.detach(),
-                            "imp": out.importance.detach(), **grads}
+                            "imp": out.importance.detach(), "init_sliced": init_sliced, **grads}
     dist.destroy_process_group()
     return results
 
@@ -75,6 +78,7 @@ def test_tp_matches_single_device(tp):
         assert sum(g.norm() for g in ref["grads_aux"].values()) > 0  # the aux gradient is really compared
         for rank, res in enumerate(results):
             got = res[variant]
+            assert got["init_sliced"]  # tp shards from a seed = the unsharded weights, sliced
             assert _rel(got["logits"], ref["logits"]) < 1e-5
             assert _rel(got["loss"], ref["loss"]) < 1e-5
             assert _rel(got["aux"], ref["aux"]) < 1e-5 and ref["aux"] > 0
