@@ -130,3 +130,12 @@ def packed_doc_ids(batch: int, seq_len: int, mean_doc_len: int, seed: int = 0):
     starts = torch.rand(batch, seq_len, generator=g) < 1.0 / mean_doc_len  # (B, T) document starts
     starts[:, 0] = False
     return starts.long().cumsum(dim=1)  # (B, T), non-decreasing, 0 at t = 0
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
