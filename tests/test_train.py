@@ -151,3 +151,15 @@ def test_nan_step_is_skipped_and_too_many_stop(tmp_path, zero):
     assert ck.name == "step_3"
     w = load_tensors(next(ck.glob("model*.safetensors")))
     assert all(bool(v.isfinite().all()) for v in w.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 2])
+def test_bf16_resume_equals_uninterrupted(tmp_path, zero):
+    # bf16 keeps fp32 masters beside the model (ZeRO-0: DeepSpeed's unfused optimizer; ZeRO-2:
+    # fragments): the checkpoint must hold the masters, not the bf16 working copies
+    common = ["train.steps=8", "train.save_interval=4", "train.precision=bf16", f"parallel.zero_stage={zero}"]
+    straight = _train(tmp_path, "straight", 1, common)
+    resumed = _train(tmp_path, "resumed", 1, common + [f"train.resume={straight}/checkpoints/step_4"])
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8] and all(a[s] == b[s] for s in b), (a, b)

@@ -84,37 +84,51 @@ def _base_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
-def _uses_hp_mapping(engine) -> bool:
-    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+def _uses_hp_mapping(p: torch.nn.Parameter) -> bool:
+    """DeepSpeed's fragment API covers ZeRO-1/2 (``_hp_mapping``) and ZeRO-3 (``ds_id``)."""
+    return hasattr(p, "_hp_mapping") or hasattr(p, "ds_id")
+
+
+def _unfused_master(engine, p: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master of p (bf16 without ZeRO keeps fp32_groups beside the model), or p."""
+    opt = engine.optimizer
+    for g16, g32 in zip(getattr(opt, "fp16_groups", None) or [], getattr(opt, "fp32_groups", None) or []):
+        for lp, hp in zip(g16, g32):
+            if lp is p:
+                return hp
+    return p
 
 
 def full_param(engine, p: torch.nn.Parameter) -> torch.Tensor:
-    """fp32 master value of p, shaped like the (TP-local) parameter. Collective under ZeRO-3."""
-    if _uses_hp_mapping(engine):
+    """fp32 master value of p, shaped like the (TP-local) parameter. Collective under ZeRO."""
+    if _uses_hp_mapping(p):
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(p).detach().clone()
-    return p.detach().float().clone()
+    return _unfused_master(engine, p).detach().float().clone()
 
 
 def full_optim_state(engine, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
-    if _uses_hp_mapping(engine):
+    if _uses_hp_mapping(p):
         from deepspeed.utils import safe_get_full_optimizer_state
 
         v = safe_get_full_optimizer_state(p, key)
         return None if v is None else v.detach().clone()
-    st = engine.optimizer.state.get(p, {})
+    st = _base_optimizer(engine).state.get(_unfused_master(engine, p), {})
     return st[key].detach().clone() if key in st else None
 
 
 def set_full_param(engine, p: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Set the fp32 master copy *and* the model's working copy (DeepSpeed only sets the
     former and would refresh the latter only at the next optimizer step)."""
-    if _uses_hp_mapping(engine):
+    if _uses_hp_mapping(p):
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(p, value.to(torch.float32))
     with torch.no_grad():
+        master = _unfused_master(engine, p)
+        if master is not p:
+            master.copy_(value.to(master.dtype))
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's flat partition of the working copy
             import torch.distributed as dist
 
@@ -129,12 +143,12 @@ def set_full_param(engine, p: torch.nn.Parameter, value: torch.Tensor) -> None:
 
 
 def set_full_optim_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
-    if _uses_hp_mapping(engine):
+    if _uses_hp_mapping(p):
         from deepspeed.utils import safe_set_full_optimizer_state
 
         safe_set_full_optimizer_state(p, value.to(torch.float32), key)
     else:
-        engine.optimizer.state[p][key].copy_(value)
+        _base_optimizer(engine).state[_unfused_master(engine, p)][key].copy_(value)
 
 
 def _master_tensors(engine) -> list:
@@ -143,6 +157,8 @@ def _master_tensors(engine) -> list:
     for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
         if getattr(opt, attr, None):
             return list(getattr(opt, attr))
+    if getattr(opt, "fp32_groups", None):  # bf16 without ZeRO: per-parameter fp32 masters
+        return [hp for group in opt.fp32_groups for hp in group]
     return [p for g in _base_optimizer(engine).param_groups for p in g["params"]]
 
 
