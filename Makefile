@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast quickstart bench clean
+.PHONY: venv test test-fast test-slurm quickstart bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q -ra --durations=15 tests
+
+test-slurm: venv
+	$(PY) -m pytest -q -ra tests/test_slurm.py
 
 test-fast: venv
 	$(PY) -m pytest -q -ra -m "not slow" tests

@@ -158,6 +158,8 @@ def build_config(hf_dir: str | os.PathLike, hf_cfg: dict, attention: Optional[st
         cfg.parallel.tp = tp
     if pp is not None:
         cfg.parallel.pp = pp
+        if pp > 1 and cfg.parallel.zero_stage == 0:
+            cfg.parallel.zero_stage = 1  # the pipeline engine clips by the global norm only with ZeRO-1
     validate(cfg, where)
     return cfg, shared
 
