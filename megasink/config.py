@@ -143,7 +143,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass to save memory."""
     progress: bool = True
-    """Show a progress bar on rank 0."""
+    """Show a progress bar on rank 0 (only when stderr is a terminal)."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s per process for MFU; 0 means from the GPU model (CPU: an assumed 0.5)."""
 

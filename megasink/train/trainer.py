@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,8 +290,8 @@ class Trainer:
         return {"preempted": False, "step": self.counters.step, **self.last_metrics}
 
     def _progress_bar(self):
-        if self.rank != 0 or not self.cfg.train.progress:
-            return None
+        if self.rank != 0 or not self.cfg.train.progress or not sys.stderr.isatty():
+            return None  # batch jobs (Slurm logs, CI) get the per-log-step lines only
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.train.steps, initial=self.counters.step, desc="train", unit="step",
