@@ -139,3 +139,92 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- candidate kernel fix
+# Benchmark-only: megasink.model.kernels is not edited. ``patched_flash()`` swaps the flash
+# backend's autograd Function for one with the two changes RESULTS.md recommends, so their
+# effect can be measured in the same run as the code as it is.
+
+
+def shifted_out_backward(dout, q, k, v, out, lse, dlse, scale, mask, extras):
+    """The flash backward with the lse gradient and no augmented column (None: cannot).
+
+    The kernel uses ``out`` only for D = rowsum(dO * O), so passing
+    O' = O - (dLSE / |dO|^2) dO (per row) gives D' = D - dLSE, and the kernel's own
+    dS = P (dP - D') = P (dP - D + dLSE): exactly the gradient with the lse term, at the
+    kernel's own head dim and with no padded copies. A row with dO = 0 and dLSE != 0 cannot
+    be written this way: then the caller uses the augmented backward."""
+    from megasink.model.kernels import _flash_bwd
+
+    nrm = (dout * dout).sum(-1, keepdim=True)  # (B, nh, T, 1)
+    if bool(((nrm < 1e-30) & (dlse[..., None] != 0)).any()):
+        return None
+    out_shifted = out.addcmul(dlse[..., None].to(out.dtype) / nrm, dout, value=-1.0)  # O' (B, nh, T, hd)
+    return _flash_bwd(dout, q, k, v, out_shifted, lse, scale, mask, extras)
+
+
+def _fixed_flash_function():
+    import torch
+
+    from megasink.model import kernels
+
+    original = kernels.FlashAttentionLSE
+
+    class FixedFlashAttentionLSE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, scale, mask):
+            ctx.set_materialize_grads(False)  # fix 1: an unused lse arrives as None, not zeros
+            out, lse, extras = kernels._flash_fwd(q, k, v, scale, mask)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.scale, ctx.mask, ctx.extras = scale, mask, extras
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, dout, dlse):
+            q, k, v, out, lse = ctx.saved_tensors
+            dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
+            if dlse is None:  # the stock kernel backward is exact
+                dq, dk, dv = kernels._flash_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras)
+                return dq, dk, dv, None, None
+            res = shifted_out_backward(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.mask, ctx.extras)  # fix 2
+            if res is None:
+                return original.backward(ctx, dout, dlse)
+            return (*res, None, None)
+
+    return original, FixedFlashAttentionLSE
+
+
+class patched_flash:
+    """Context manager: megasink's flash backend with the recommended fixes, in this process."""
+
+    def __enter__(self):
+        from megasink.model import kernels
+
+        self.original, fixed = _fixed_flash_function()
+        kernels.FlashAttentionLSE = fixed
+        return self
+
+    def __exit__(self, *exc):
+        from megasink.model import kernels
+
+        kernels.FlashAttentionLSE = self.original
+        return False
+
+
+class stub_vanilla_gate:
+    """Context manager (attribution only, results are wrong inside): the vanilla gate
+    1 - exp(s0 - lse) replaced by zeros, to measure what computing it in every forward costs."""
+
+    def __enter__(self):
+        from megasink.model import attention
+
+        self.original = attention.vanilla_gate
+        attention.vanilla_gate = lambda q, k, lse, seq, scale: lse.detach().new_zeros(lse.shape)
+        return self
+
+    def __exit__(self, *exc):
+        from megasink.model import attention
+
+        attention.vanilla_gate = self.original
+        return False
