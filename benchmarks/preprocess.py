@@ -38,10 +38,12 @@ def raw_encode(model: str, docs: list[str]) -> dict:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=model)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     tokens = sum(len(sp.encode(d)) for d in docs) + len(docs)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": tokens, "docs_per_s": len(docs) / seconds, "tokens_per_s": tokens / seconds}
+    # cpu_share < 1: other processes took the core away (the machine was not idle)
+    return {"seconds": seconds, "tokens": tokens, "docs_per_s": len(docs) / seconds, "tokens_per_s": tokens / seconds,
+            "cpu_share": (time.process_time() - cpu) / seconds}
 
 
 def pipeline(src: str, model: str, out_dir: str, workers: int) -> dict:
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
             runs = {"raw": raw_encode(model, docs)}
             runs.update({f"pipeline_{w}": pipeline(src, model, tmp, w) for w in args.workers})
             for key, value in runs.items():
-                print(f"trial {trial}: {key} {value['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+                share = f" (cpu share {value['cpu_share']:.2f})" if "cpu_share" in value else ""
+                print(f"trial {trial}: {key} {value['tokens_per_s']:,.0f} tokens/s{share}", file=sys.stderr)
                 if key not in results or value["tokens_per_s"] > results[key]["tokens_per_s"]:
                     results[key] = value
         prefix = results[f"pipeline_{args.workers[0]}"]["prefix"]

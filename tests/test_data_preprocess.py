@@ -305,3 +305,29 @@ def test_killed_worker_is_an_error_not_a_hang(tmp_path):
     assert not t.is_alive(), "preprocess hung after a worker died"
     assert errors and isinstance(errors[0], RuntimeError) and "died" in str(errors[0])
     assert os.listdir(tmp_path / "o") == []
+
+
+def test_worker_dying_at_start_is_an_error_not_a_hang(tmp_path, docs):
+    """Workers that die while starting (here: a script without the __main__ guard, which
+    spawn re-imports) end the run with an error. With a tokenizer larger than a pipe buffer
+    sent to the workers, the parent used to block forever writing it."""
+    import sentencepiece as spm
+
+    symbols = [f"<sym{i:05d}-{'x' * 24}>" for i in range(3000)]
+    lines = [line for d in docs for line in d.split("\n") if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "big"), vocab_size=3400, model_type="bpe",
+        user_defined_symbols=symbols, byte_fallback=True, minloglevel=2, num_threads=1, eos_id=2, bos_id=1,
+    )
+    assert os.path.getsize(tmp_path / "big.model") > 100_000
+    src = data_write_parquet(tmp_path / "in.parquet", data_records(docs))
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from megasink.data.preprocess import PreprocessConfig, preprocess\n"
+        f"preprocess(PreprocessConfig(inputs=[{src!r}], tokenizer_model={str(tmp_path / 'big.model')!r}, "
+        f"output_prefix={str(tmp_path / 'o' / 'p')!r}, workers=1, progress=False))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "worker process died unexpectedly" in r.stderr
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []

@@ -150,10 +150,16 @@ class ChunkResult:
     skipped: Counter
 
 
-def _init_worker(model_proto: bytes, opts: _WorkerOptions) -> None:
+def _init_worker(model_path: str, sha256: str, opts: _WorkerOptions) -> None:
+    """Load the tokenizer in a worker. Only its path travels to the worker: a spawn payload
+    larger than a pipe buffer deadlocks the parent when a worker dies while starting."""
     import sentencepiece as spm
 
-    _WORKER["sp"] = spm.SentencePieceProcessor(model_proto=model_proto)
+    with open(model_path, "rb") as f:
+        proto = f.read()
+    if hashlib.sha256(proto).hexdigest() != sha256:
+        raise RuntimeError(f"tokenizer {model_path} changed while preprocessing")
+    _WORKER["sp"] = spm.SentencePieceProcessor(model_proto=proto)
     _WORKER["opts"] = opts
 
 
@@ -390,8 +396,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         total = min(total, cfg.max_docs)
     tok = tokenizer_info(cfg.tokenizer_model)
     dtype = token_dtype(tok["vocab_size"])
-    with open(cfg.tokenizer_model, "rb") as f:
-        init_args = (f.read(), _worker_options(cfg, tok, dtype))
+    init_args = (cfg.tokenizer_model, tok["sha256"], _worker_options(cfg, tok, dtype))
     out = PreprocessResult()
     train = ShardedWriter(cfg.output_prefix, dtype, cfg.shard_size)
     valid = ShardedWriter(valid_prefix(cfg.output_prefix), dtype) if cfg.valid_fraction > 0 else None
