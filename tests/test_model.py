@@ -180,3 +180,19 @@ def test_activation_checkpointing_same_gradients(variant):
     g2, _ = _loss_grads(model, tokens, packed_doc_ids(2, cfg.seq_len), "flash")
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
+
+
+def test_flash_takes_plain_backward_when_lse_is_unused(monkeypatch):
+    """Without an lse gradient the kernel's own backward runs at the original head dim."""
+    from megasink.model import kernels
+
+    seen = []
+    orig = kernels._flash_bwd
+    monkeypatch.setattr(kernels, "_flash_bwd", lambda dout, q, *a: seen.append(q.shape[-1]) or orig(dout, q, *a))
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    seq = SeqInfo.build(torch.zeros(1, 16, dtype=torch.long))
+    out, lse = kernels.attention_with_lse(q, k, v, backend="flash", seq=seq)
+    out.sum().backward()
+    out, lse = kernels.attention_with_lse(q, k, v, backend="flash", seq=seq)
+    (out.sum() + lse.sum()).backward()
+    assert seen == [8, 9]  # plain, then augmented (one extra column)
