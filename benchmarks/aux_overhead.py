@@ -10,15 +10,26 @@ What it measures, in one run, on one process:
    attention backend (``auto``, i.e. the fused flash kernel):
 
    - ``off``: aux_loss.coef = 0, backward of the LM loss alone (what the trainer does with
-     coef 0: vanilla and gated then take no lse gradient; sink always does, its output
-     depends on lse);
+     coef 0);
    - ``on``:  aux_loss.coef = 1e-4, backward of loss + aux_loss (the gradient reaches q and k
      through lse for vanilla and sink, the gate weights for gated);
    - ``zero``: (information, tiny model only) aux_loss.coef = 0 but backward of
      loss + aux_loss, as a user who always adds ``out.aux_loss`` would write it.
 
-   Overhead = median over rounds of on/off - 1.  **Target: <= 2 %** (the paper's figure)
-   for every variant and size.
+   measured = median over rounds of on/off - 1, with a bootstrap 95 % interval. Whole
+   steps on a shared 2-core machine are noisy (5-15 %), so the script also *attributes*
+   the difference: the aux loss changes nothing but the backward of each attention layer
+   (gate and lse gradients) and the small (L, H) CV graph, so it times those parts alone
+   (one Attention layer's fwd+bwd with and without a loss on its gate sums, many short
+   rounds) and reports L x (difference) + CV-graph backward over the off step time.
+   **Target: <= 2 %** (the paper's figure) for every variant and size; a case misses when
+   the attributed overhead is above it, or the whole measured interval is.
+
+   For the diagnosis it also times (low noise, one layer's shapes) the flash backward
+   plain, megasink's augmented-value backward, its padded copies, and a candidate
+   replacement, the shifted-out backward (benchmarks/common.py), checked against the
+   eager reference; and the same layer with ``common.patched_flash`` (the flash-backend
+   fixes of benchmarks/RESULTS.md). ``--with-fix`` adds whole steps with them to the rounds.
 
 2. Flash vs eager. fwd+bwd (no optimizer) of the tiny model with the aux loss on, at
    sequence lengths 256, 512, 1024 with the same tokens per batch, ``flash`` against
@@ -27,19 +38,20 @@ What it measures, in one run, on one process:
    (model level).
 
 Batches hold packed documents (document masking on, as the trainer feeds them) unless
-``--no-docs``. Protocol: warm-up, then interleaved rounds (every case once per round, the
-order rotating), medians, ratios as the median of per-round ratios with a bootstrap 95 %
-interval (benchmarks/common.py). Threads: 1 intra-op thread by default (``--threads``):
-on a 2-core machine shared with other jobs, two OpenMP threads spend their time waiting
-at barriers for a descheduled sibling (seen here: a 1M-element multiply 0.5 ms on one
-thread, 4-13 ms on two at load 8), which would measure the scheduler, not the code.
+``--no-docs``. Protocol (benchmarks/common.py): warm-up, then interleaved rounds (every
+case once per round, the order rotating), medians, ratios as the median of per-round
+ratios. Threads: 1 intra-op thread by default (``--threads``): on a 2-core machine shared
+with other jobs, two OpenMP threads spend their time waiting at barriers for a
+descheduled sibling (seen here: a 1M-element multiply 0.5 ms on one thread, 4-13 ms on
+two at load 8), which would measure the scheduler, not the code. Clock: the process's
+CPU time with one thread (``--clock``), which leaves out time spent descheduled.
 
 Exit status: 0 when both targets hold, 1 when one is missed (``--quick``: a smoke run on
 small shapes, targets reported but not enforced). ``--profile`` adds a torch.profiler
 comparison of on vs off (self time per op) for each case that misses the target.
 
-    python benchmarks/aux_overhead.py              # ~4-5 minutes on 2 cores
-    python benchmarks/aux_overhead.py --quick      # ~30 s smoke run
+    python benchmarks/aux_overhead.py              # ~5 minutes on 2 cores
+    python benchmarks/aux_overhead.py --quick      # ~40 s smoke run
 """
 from __future__ import annotations
 
@@ -47,8 +59,8 @@ import argparse
 import json
 import sys
 
-from common import (ROOT, bootstrap_ci, interleaved, machine_line, median, ms, packed_doc_ids,
-                    paired_ratio, set_threads, spread, table)
+from common import (ROOT, bootstrap_ci, interleaved, machine_line, median, ms, packed_doc_ids, paired_ratio,
+                    patched_flash, set_threads, shifted_out_backward, spread, table)
 
 VARIANTS = ("vanilla", "sink", "gated")
 COEF_ON = 1e-4
@@ -63,13 +75,16 @@ def parse_args(argv=None):
                    "or wall clock (default with more)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of vanilla,sink,gated")
     p.add_argument("--sizes", default="tiny,50m", help="comma-separated subset of tiny,50m")
-    p.add_argument("--reps-tiny", type=int, default=25, help="timed rounds for the tiny model")
-    p.add_argument("--reps-50m", type=int, default=7, help="timed rounds for the ~50M model")
-    p.add_argument("--reps-flash", type=int, default=9, help="timed rounds for flash vs eager")
+    p.add_argument("--reps-tiny", type=int, default=16, help="timed rounds for the tiny model")
+    p.add_argument("--reps-50m", type=int, default=6, help="timed rounds for the ~50M model")
+    p.add_argument("--reps-attr", type=int, default=25, help="timed rounds for the attribution parts")
+    p.add_argument("--reps-flash", type=int, default=6, help="timed rounds for flash vs eager")
     p.add_argument("--skip-aux", action="store_true", help="skip part 1 (aux overhead)")
     p.add_argument("--skip-flash", action="store_true", help="skip part 2 (flash vs eager)")
     p.add_argument("--no-docs", action="store_true", help="one document per row (no document masking)")
     p.add_argument("--target-pct", type=float, default=2.0, help="largest acceptable aux overhead in %%")
+    p.add_argument("--with-fix", action="store_true", help="also time whole steps with the candidate flash-backend "
+                   "fixes (benchmarks/common.py:patched_flash) in the same rounds")
     p.add_argument("--profile", action="store_true", help="profile on vs off for cases that miss the target")
     p.add_argument("--json", help="also write all measurements to this JSON file")
     return p.parse_args(argv)
@@ -116,13 +131,16 @@ def build(m, coef: float, backend: str = "auto"):
     return model, opt
 
 
-def train_step_fn(model, opt, batch, with_aux: bool, optimizer: bool = True):
+def train_step_fn(model, opt, batch, with_aux: bool, optimizer: bool = True, fixed: bool = False):
+    import contextlib
+
     tokens, doc, targets = batch
 
     def step():
-        out = model(tokens, doc, targets=targets)
-        loss = out.loss + out.aux_loss if with_aux else out.loss
-        loss.backward()
+        with patched_flash() if fixed else contextlib.nullcontext():
+            out = model(tokens, doc, targets=targets)
+            loss = out.loss + out.aux_loss if with_aux else out.loss
+            loss.backward()
         if optimizer:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -135,11 +153,129 @@ def step_cases(m, batch, modes=("off", "on", "zero"), backend: str = "auto", opt
     spec = {"off": (0.0, False), "on": (COEF_ON, True), "zero": (0.0, True)}
     cases = {}
     for mode in modes:
-        coef, with_aux = spec[mode]
+        coef, with_aux = spec[mode.replace("_fix", "")]
         model, opt = build(m, coef, backend)
-        cases[mode] = train_step_fn(model, opt, batch, with_aux, optimizer)
+        cases[mode] = train_step_fn(model, opt, batch, with_aux, optimizer, fixed=mode.endswith("_fix"))
         cases[mode].n_params = sum(p.numel() for p in model.parameters())
     return cases
+
+
+# --------------------------------------------------------------------------- attribution
+def attention_cases(m, B: int, docs: bool) -> dict:
+    """One attention layer (megasink.model.attention.Attention, flash backend) at the case's
+    shapes, fwd + bwd from its input, the gate sums computed as the model does: ``off``
+    backpropagates an output loss only, ``on`` adds a loss on the gate sums (what the aux
+    loss adds to every layer's backward); ``*_fix`` the same with common.patched_flash."""
+    import contextlib
+
+    import torch
+
+    from megasink.model.attention import Attention
+    from megasink.model.importance import gate_sum, token_weights
+    from megasink.model.kernels import SeqInfo
+    from megasink.model.layers import RotaryEmbedding
+
+    torch.manual_seed(0)
+    attn = Attention(m)
+    tokens, doc, _ = make_batch(m, B, docs)
+    seq = SeqInfo.build(tokens, doc)
+    cos, sin = RotaryEmbedding(m.head_dim, m.rope_theta)(seq.positions)
+    weights = token_weights(seq, m.attention)  # (B, T)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, m.seq_len, m.d_model, generator=g).requires_grad_()
+    dy, r = torch.randn(B, m.seq_len, m.d_model, generator=g), torch.randn(m.n_heads, generator=g)
+
+    def case(with_aux: bool, fixed: bool):
+        def f():
+            with patched_flash() if fixed else contextlib.nullcontext():
+                y, gate = attn(x, cos, sin, seq, "flash")
+                sums = gate_sum(gate, weights)  # (H,)
+                loss = (y * dy).sum() + ((sums * r).sum() if with_aux else 0.0)
+                loss.backward()
+            x.grad = None
+            attn.zero_grad(set_to_none=True)
+        return f
+
+    return {"off": case(False, False), "on": case(True, False), "off_fix": case(False, True),
+            "on_fix": case(True, True)}
+
+
+def aux_graph_cases(m) -> dict:
+    """The (L, H) importance -> CV^2 -> aux loss graph: forward (runs in both modes) vs
+    forward + backward (only with the aux loss)."""
+    import torch
+
+    from megasink.model import importance as imp_lib
+
+    sums = (torch.rand(m.n_layers, m.n_heads) * 100 + 1).requires_grad_()
+    count, routed = torch.tensor(1000.0), torch.ones(m.n_layers, m.n_heads, dtype=torch.bool)
+
+    def fwd(backward: bool):
+        def f():
+            aux = imp_lib.aux_loss(imp_lib.importance(sums, count), routed, COEF_ON)
+            if backward:
+                aux.backward()
+                sums.grad = None
+        return f
+
+    return {"off": fwd(False), "on": fwd(True)}
+
+
+def attribute(m, B: int, docs: bool, reps: int, clock: str) -> dict:
+    """Seconds the aux loss adds per step, from the parts it touches (low noise: short,
+    many rounds): L x (attention layer on - off) + (aux graph backward)."""
+    t = interleaved(attention_cases(m, B, docs), reps=reps, warmup=3, clock=clock)
+    a = interleaved(aux_graph_cases(m), reps=4 * reps, warmup=3, clock=clock)
+    delta = lambda u, w: median(x - y for x, y in zip(t[u], t[w]))  # noqa: E731
+    d_aux = median(x - y for x, y in zip(a["on"], a["off"]))
+    L = m.n_layers
+    return dict(attn_off_s=median(t["off"]), attn_delta_s=delta("on", "off"), aux_graph_s=d_aux,
+                extra_s=L * delta("on", "off") + d_aux,
+                fix_off_saving_s=L * delta("off", "off_fix"),  # what the no-aux step pays for the dead fast path
+                fix_extra_s=L * delta("on_fix", "off_fix") + d_aux,  # the aux loss's cost with the fixes
+                fix_on_vs_off_s=L * delta("on_fix", "off"))  # with fixes and aux vs today's no-aux step
+
+
+def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
+    """For one layer's attention shapes: the flash backward plain (no lse gradient), the
+    augmented one megasink uses (and its padded copies alone), and the shifted-out one,
+    whose gradients are checked against the eager reference."""
+    import torch
+
+    from megasink.model.kernels import SeqInfo, _augment, _flash_bwd, _flash_fwd, _repeat_kv, eager_attention
+
+    g = torch.Generator().manual_seed(0)
+    H, hd, T = m.n_heads, m.head_dim, m.seq_len
+    q = torch.randn(B, H, T, hd, generator=g)
+    k, v = (_repeat_kv(torch.randn(B, m.kv_heads, T, hd, generator=g), H // m.kv_heads).contiguous()
+            for _ in range(2))
+    tokens, doc, _ = make_batch(m, B, docs)
+    seq = SeqInfo.build(tokens, doc)
+    mask = seq.additive_mask(q.dtype) if docs else None
+    scale = hd ** -0.5
+    out, lse, ex = _flash_fwd(q, k, v, scale, mask)
+    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+
+    def copies():
+        return (_augment(v, torch.ones_like(lse), 1), _augment(dout, dlse, 1), _augment(q, None, 1),
+                _augment(k, None, 1), _augment(out, None, 1))
+
+    def augmented():
+        va, da, qa, ka, oa = copies()
+        dq, dk, dv = _flash_bwd(da, qa, ka, va, oa, lse, scale, mask, ex)
+        return dq[..., :hd], dk[..., :hd], dv[..., :hd]
+
+    cases = {"plain": lambda: _flash_bwd(dout, q, k, v, out, lse, scale, mask, ex), "augmented": augmented,
+             "copies": copies, "shifted": lambda: shifted_out_backward(dout, q, k, v, out, lse, dlse, scale, mask, ex)}
+    t = interleaved(cases, reps=reps, warmup=3, clock=clock)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    o_ref, l_ref = eager_attention(qr, kr, vr, scale, seq)
+    ((o_ref * dout).sum() + (l_ref * dlse).sum()).backward()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    errs = {name: max(rel(a, b.grad) for a, b in zip(fn(), (qr, kr, vr)))
+            for name, fn in (("augmented", augmented), ("shifted", cases["shifted"]))}
+    return {**{f"{n}_s": median(x) for n, x in t.items()}, "err_augmented": errs["augmented"],
+            "err_shifted": errs["shifted"], "shape": f"{B}x{H}x{T}x{hd}"}
 
 
 # --------------------------------------------------------------------------- part 1
@@ -151,16 +287,28 @@ def run_aux(args, docs: bool) -> list[dict]:
             reps = 3 if args.quick else (args.reps_tiny if size == "tiny" else args.reps_50m)
             batch = make_batch(m, B, docs)
             modes = ("off", "on", "zero") if size == "tiny" else ("off", "on")  # "zero" is shown on tiny only
+            modes += ("off_fix", "on_fix") if args.with_fix else ()
             cases = step_cases(m, batch, modes)
             t = interleaved(cases, reps=reps, warmup=1 if args.quick or size != "tiny" else 2, clock=args.clock)
             ratios = [a / b for a, b in zip(t["on"], t["off"])]
             lo, hi = bootstrap_ci(ratios)
             row = dict(size=size, variant=variant, batch=B, seq=m.seq_len, reps=reps,
-                       off_s=median(t["off"]), on_s=median(t["on"]), zero_s=median(t["zero"]) if "zero" in t else None,
+                       off_s=median(t["off"]), on_s=median(t["on"]),
+                       zero_s=median(t["zero"]) if "zero" in t else None,
                        overhead=paired_ratio(t["on"], t["off"]) - 1, ci=(lo - 1, hi - 1),
-                       zero_overhead=paired_ratio(t["zero"], t["off"]) - 1 if "zero" in t else None, noise=spread(t["off"]),
+                       zero_overhead=paired_ratio(t["zero"], t["off"]) - 1 if "zero" in t else None,
+                       noise=spread(t["off"]),
                        wall_overhead=paired_ratio(t.wall["on"], t.wall["off"]) - 1,
-                       params=cases["off"].n_params)
+                       params=cases["off"].n_params, n_layers=m.n_layers)
+            if args.with_fix:
+                row["fix"] = dict(off_s=median(t["off_fix"]), on_s=median(t["on_fix"]),
+                                  off_speedup=paired_ratio(t["off"], t["off_fix"]) - 1,
+                                  overhead=paired_ratio(t["on_fix"], t["off_fix"]) - 1,
+                                  on_vs_off=paired_ratio(t["on_fix"], t["off"]) - 1)
+            att = attribute(m, B, docs, reps=5 if args.quick else args.reps_attr, clock=args.clock)
+            row.update(att, attributed=att["extra_s"] / row["off_s"])
+            if variant == "vanilla":
+                row["split"] = backward_split(m, B, docs, reps=5 if args.quick else args.reps_attr, clock=args.clock)
             rows.append(row)
             print(f"  {size:5s} {variant:8s} off {ms(row['off_s'])} ms  on {ms(row['on_s'])} ms  "
                   f"overhead {100 * row['overhead']:+.2f}%", file=sys.stderr, flush=True)
@@ -168,19 +316,66 @@ def run_aux(args, docs: bool) -> list[dict]:
     return rows
 
 
+def missed(r: dict, target_pct: float) -> bool:
+    """A case misses when the attributed overhead exceeds the target, or the end-to-end
+    interval lies entirely above it."""
+    return 100 * r["attributed"] > target_pct or 100 * r["ci"][0] > target_pct
+
+
 def print_aux(rows, target_pct):
+    pct = lambda x: f"{100 * x:+.2f}%"  # noqa: E731
     print("\n### Aux-loss overhead (train step: fwd + bwd + AdamW, backend auto = flash)\n")
-    print(table(["model", "params", "variant", "B x T", "off ms", "on ms", "overhead", "95% CI",
-                 "coef 0 + aux bwd", "noise", "wall-clock overhead", f"<= {target_pct:g}%"],
+    print(table(["model", "params", "variant", "B x T", "off ms", "on ms", "measured", "95% CI", "attributed",
+                 "coef 0 + aux bwd", "noise", f"<= {target_pct:g}%"],
                 [[r["size"], f"{r['params'] / 1e6:.1f}M", r["variant"], f"{r['batch']} x {r['seq']}",
-                  ms(r["off_s"]), ms(r["on_s"]), f"{100 * r['overhead']:+.2f}%",
-                  f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]%", "-" if r["zero_overhead"] is None else f"{100 * r['zero_overhead']:+.2f}%",
-                  f"{100 * r['noise']:.0f}%", f"{100 * r['wall_overhead']:+.1f}%", "yes" if 100 * r["overhead"] <= target_pct else "NO"]
-                 for r in rows]))
-    print("\noff: coef 0, LM-loss backward; on: coef 1e-4, (loss + aux_loss) backward; overhead = median of "
-          "per-round on/off - 1; coef 0 + aux bwd: coef 0 but (loss + aux_loss) backward, vs off; "
-          "noise: half the interquartile range of the off times over their median; wall-clock overhead: the same "
-          "ratio on the wall clock.")
+                  ms(r["off_s"]), ms(r["on_s"]), pct(r["overhead"]),
+                  f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]%", pct(r["attributed"]),
+                  "-" if r["zero_overhead"] is None else pct(r["zero_overhead"]), f"{100 * r['noise']:.0f}%",
+                  "NO" if missed(r, target_pct) else "yes"] for r in rows]))
+    print("\noff: coef 0, LM-loss backward; on: coef 1e-4, (loss + aux_loss) backward. measured: median of per-round "
+          "on/off - 1 (95% bootstrap interval); attributed: the time the aux loss adds, measured on the parts it "
+          "touches (next table), over the off step time; coef 0 + aux bwd: coef 0 but (loss + aux_loss) backward, "
+          "vs off; noise: half the interquartile range of the off step times over their median. A case misses "
+          "when the attributed overhead is above the target or the whole interval is.")
+    print("\n#### Where the added time goes (per step)\n")
+    print(table(["model", "variant", "attention layer fwd+bwd ms", "+ per layer with aux ms", "x layers",
+                 "aux graph bwd ms", "added ms/step", "of off step", "off step: saved by the fix",
+                 "aux cost with fix", "fix + aux vs off today"],
+                [[r["size"], r["variant"], ms(r["attn_off_s"]), f"{1e3 * r['attn_delta_s']:+.2f}",
+                  f"{1e3 * r['attn_delta_s'] * r['n_layers']:+.2f}", f"{1e3 * r['aux_graph_s']:+.3f}",
+                  f"{1e3 * r['extra_s']:+.2f}", pct(r["attributed"]),
+                  f"{1e3 * r['fix_off_saving_s']:.1f} ms ({pct(r['fix_off_saving_s'] / r['off_s'])})",
+                  f"{1e3 * r['fix_extra_s']:.1f} ms ({pct(r['fix_extra_s'] / r['off_s'])})",
+                  pct(r["fix_on_vs_off_s"] / r["off_s"])] for r in rows]))
+    print("\nper layer: one Attention layer's fwd+bwd, on - off, L x that + the aux graph's backward = added. "
+          "The last three columns use the candidate fixes (benchmarks/common.py:patched_flash): what they save on "
+          "today's no-aux step (FlashAttentionLSE.backward gets dlse as zeros, never None, so it always runs the "
+          "augmented backward: vanilla and gated need the plain one, sink the lse term via the shifted-out "
+          "backward; and k/v go to the kernel without the GQA repeat and contiguous copies); what the aux loss "
+          "would cost on top of a fixed no-aux step; and a fixed step with the aux loss against today's no-aux step.")
+    fixed = [r for r in rows if "fix" in r]
+    if fixed:
+        print("\n#### Whole steps with the candidate fix (same rounds)\n")
+        print(table(["model", "variant", "off ms", "off fixed ms", "off: fix saves", "on fixed ms",
+                     "overhead with fix (on fixed / off fixed)", "on fixed / off today"],
+                    [[r["size"], r["variant"], ms(r["off_s"]), ms(r["fix"]["off_s"]), pct(r["fix"]["off_speedup"]),
+                      ms(r["fix"]["on_s"]), pct(r["fix"]["overhead"]), pct(r["fix"]["on_vs_off"])] for r in fixed]))
+    split = [r for r in rows if "split" in r]
+    if split:
+        print("\n#### vanilla: the flash backward of one layer, plain vs with the lse gradient\n")
+        print(table(["model", "B x H x T x hd", "plain ms", "augmented ms", "of which copies ms",
+                     "shifted-out ms", "err augmented", "err shifted-out", "augmented: +% of step",
+                     "shifted-out: +% of step"],
+                    [[r["size"], r["split"]["shape"], ms(r["split"]["plain_s"]), ms(r["split"]["augmented_s"]),
+                      ms(r["split"]["copies_s"]), ms(r["split"]["shifted_s"]), f"{r['split']['err_augmented']:.1e}",
+                      f"{r['split']['err_shifted']:.1e}",
+                      pct(r["n_layers"] * (r["split"]["augmented_s"] - r["split"]["plain_s"]) / r["off_s"]),
+                      pct(r["n_layers"] * (r["split"]["shifted_s"] - r["split"]["plain_s"]) / r["off_s"])]
+                     for r in split]))
+        print("\naugmented: megasink's backward (kernels.FlashAttentionLSE: 5 padded copies, kernel at hd + 1); "
+              "shifted-out: the kernel's own backward with out' = O - (dLSE / |dO|^2) dO, so that "
+              "D' = rowsum(dO out') = D - dLSE (the candidate fix, benchmarks/common.py:shifted_out_backward); "
+              "err: max relative error of dq, dk, dv against the eager reference.")
 
 
 # --------------------------------------------------------------------------- part 2
@@ -280,13 +475,13 @@ def main(argv=None) -> int:
         rows = run_aux(args, docs)
         print_aux(rows, args.target_pct)
         out["aux"] = rows
-        missed = [r for r in rows if 100 * r["overhead"] > args.target_pct]
-        if missed:
+        misses = [r for r in rows if missed(r, args.target_pct)]
+        if misses:
             ok = False
             print(f"\nTARGET MISSED: aux overhead > {args.target_pct:g}% for "
-                  + ", ".join(f"{r['size']}/{r['variant']}" for r in missed))
+                  + ", ".join(f"{r['size']}/{r['variant']}" for r in misses))
             if args.profile:
-                for r in missed:
+                for r in misses:
                     profile_case(r["size"], r["variant"], docs, args.quick)
     if not args.skip_flash:
         model_rows, op_rows = run_flash(args, docs)

@@ -195,20 +195,40 @@ def _fixed_flash_function():
     return original, FixedFlashAttentionLSE
 
 
+def _flash_attention_gqa(q, k, v, scale, seq):
+    """kernels.flash_attention without the kv-head repeat and the .contiguous() copies: the
+    CPU flash op and its backward take k, v with fewer heads (GQA) and strided inputs."""
+    from megasink.model import kernels
+
+    if q.device.type != "cpu":
+        return kernels.flash_attention(q, k, v, scale, seq)
+    mask = seq.additive_mask(q.dtype) if seq.doc_ids is not None else None
+    return kernels.FlashAttentionLSE.apply(q, k, v, scale, mask)
+
+
 class patched_flash:
-    """Context manager: megasink's flash backend with the recommended fixes, in this process."""
+    """Context manager: megasink's flash backend with the recommended fixes, in this process.
+
+    fix 1 and 2: FixedFlashAttentionLSE above; fix 3 (``gqa=True``): no kv repeat, no copies."""
+
+    def __init__(self, gqa: bool = True):
+        self.gqa = gqa
 
     def __enter__(self):
         from megasink.model import kernels
 
         self.original, fixed = _fixed_flash_function()
+        self.original_impl = kernels._IMPLS["flash"]
         kernels.FlashAttentionLSE = fixed
+        if self.gqa:
+            kernels._IMPLS["flash"] = _flash_attention_gqa
         return self
 
     def __exit__(self, *exc):
         from megasink.model import kernels
 
         kernels.FlashAttentionLSE = self.original
+        kernels._IMPLS["flash"] = self.original_impl
         return False
 
 

@@ -49,7 +49,6 @@ size, 1 otherwise. ``--quick`` runs tp=2 only.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import pickle

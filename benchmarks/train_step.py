@@ -241,14 +241,16 @@ def main(argv=None) -> int:
     explained = [r for r in rows if "fixed" in r]
     if explained:
         print("\n#### Attribution: megasink with the candidate fixes (benchmarks/common.py), same run\n")
-        print(table(["config", "megasink ms", "fixed flash bwd ms", "HF/fixed", "95% CI", "+ no vanilla gates ms",
+        print(table(["config", "megasink ms", "fixed flash ms", "HF/fixed", "95% CI", "+ no vanilla gates ms",
                      "HF/(fixed, no gates)", "HF ms"],
                     [[r["size"], ms(r["ours_s"]), ms(r["fixed"]["s"]), f"{r['fixed']['ratio']:.3f}",
                       f"[{r['fixed']['ci'][0]:.3f}, {r['fixed']['ci'][1]:.3f}]", ms(r["fixed-nogate"]["s"]),
                       f"{r['fixed-nogate']['ratio']:.3f}", ms(r["hf_s"])] for r in explained]))
-        print("\nfixed flash bwd: FlashAttentionLSE with ctx.set_materialize_grads(False) (the plain kernel backward "
-              "when lse gets no gradient) and the shifted-out backward otherwise; no vanilla gates: the gate "
-              "computation stubbed out (attribution only: importance is then wrong).")
+        print("\nfixed flash: benchmarks/common.py:patched_flash, i.e. FlashAttentionLSE with "
+              "ctx.set_materialize_grads(False) (the plain kernel backward when lse gets no gradient), the "
+              "shifted-out backward when it does, and k/v passed to the CPU flash op without the GQA repeat and "
+              ".contiguous() copies; no vanilla gates: the gate computation stubbed out as well (attribution only: "
+              "importance is then wrong).")
     print("\nSame weights in both (loss parity checked: |rel diff| "
           + ", ".join(f"{r['parity']:.1e}" for r in rows) + f"); torch {torch.__version__}.")
     print(f"# done: {machine_line()}")
