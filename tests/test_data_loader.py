@@ -283,6 +283,8 @@ def test_build_dataset_errors_name_the_problem(corpus, tmp_path):
     lone = write_docs(tmp_path / "lone", [np.arange(100) % 50])
     assert len(build_dataset(DataConfig(path=[lone]), 32, 512, 0)) == 3
     assert len(build_dataset(DataConfig(path=[lone + ".bin"]), 32, 512, 0)) == 3  # file name for the prefix
+    shard = build_dataset(DataConfig(path=[corpus + "_00000.idx"]), 32, 512, 0)  # one shard: the corpus's meta
+    assert shard.bytes_per_token == pytest.approx(json.load(open(corpus + ".meta.json"))["splits"]["train"]["bytes_per_token"])
     with pytest.raises(FileNotFoundError, match="lone_valid.*--valid-fraction"):
         build_dataset(DataConfig(path=[lone]), 32, 512, 0, split="valid")
     with pytest.raises(ValueError, match="fewer than seq_len"):

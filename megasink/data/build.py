@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Optional
 
 from megasink.data.blending import BlendedDataset
 from megasink.data.indexed import exists
-from megasink.data.outputs import find_shards, meta_path, valid_prefix
+from megasink.data.outputs import SHARD_DIGITS, find_shards, meta_path, valid_prefix
 from megasink.data.packing import PackedDataset, SyntheticDataset
 
 SPLITS = ("train", "valid")
@@ -57,12 +58,18 @@ def _as_weight(token: str) -> Optional[float]:
         return None
 
 
+def canonical_prefix(prefix: str) -> str:
+    """``prefix`` without a ``.bin`` / ``.idx`` suffix given by mistake (when that names a dataset)."""
+    if not exists(prefix) and prefix.endswith((".bin", ".idx")) and exists(prefix[:-4]):
+        return prefix[:-4]
+    return prefix
+
+
 def resolve_prefix(prefix: str, key: str = "data.path") -> list[str]:
     """File prefixes behind ``prefix``: itself, or its shards ``prefix_NNNNN``."""
+    prefix = canonical_prefix(prefix)
     if exists(prefix):
         return [prefix]
-    if prefix.endswith((".bin", ".idx")) and exists(prefix[:-4]):  # a file name given for the prefix
-        return [prefix[:-4]]
     shards = find_shards(prefix)
     if shards:
         return shards
@@ -79,6 +86,8 @@ def read_meta(prefix: str) -> tuple[Optional[dict], str]:
     if prefix.endswith(VALID_SUFFIX):
         candidates.insert(0, prefix[: -len(VALID_SUFFIX)])
         split = "valid"
+    elif re.search(r"_\d{%d}$" % SHARD_DIGITS, prefix):  # one shard of a corpus
+        candidates.append(prefix[: -SHARD_DIGITS - 1])
     for i, base in enumerate(candidates):
         path = meta_path(base)
         if os.path.isfile(path):
@@ -107,6 +116,7 @@ def _check_meta(meta: Optional[dict], prefix: str, vocab_size: int, tokenizer: s
 
 
 def _packed(prefix: str, seq_len: int, vocab_size: int, tokenizer: str, key: str) -> PackedDataset:
+    prefix = canonical_prefix(prefix)
     files = resolve_prefix(prefix, key)
     meta, split = read_meta(prefix)
     _check_meta(meta, prefix, vocab_size, tokenizer)
@@ -127,7 +137,7 @@ def _split_entries(data_cfg, split: str) -> tuple[list, str]:
         return parse_data_paths(data_cfg.valid_path, "data.valid_path"), "data.valid_path"
     entries = []
     for weight, prefix in train:
-        vp = valid_prefix(prefix)
+        vp = valid_prefix(canonical_prefix(prefix))
         if not exists(vp):
             raise FileNotFoundError(
                 f"validation data for {prefix!r} not found: expected {vp}.bin + {vp}.idx (write it with "
