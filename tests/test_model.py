@@ -182,17 +182,29 @@ def test_activation_checkpointing_same_gradients(variant):
         assert torch.equal(g1[name], g2[name]), name
 
 
-def test_flash_takes_plain_backward_when_lse_is_unused(monkeypatch):
-    """Without an lse gradient the kernel's own backward runs at the original head dim."""
+def test_flash_backward_paths(monkeypatch):
+    """No lse gradient: the plain kernel backward. With one: the shifted-output backward at the
+    original head dim, or, for rows with dO = 0 (a loss on lse alone), the augmented column;
+    all three equal eager."""
     from megasink.model import kernels
 
     seen = []
     orig = kernels._flash_bwd
     monkeypatch.setattr(kernels, "_flash_bwd", lambda dout, q, *a: seen.append(q.shape[-1]) or orig(dout, q, *a))
-    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    q = torch.randn(1, 4, 16, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(2))  # grouped-query
     seq = SeqInfo.build(torch.zeros(1, 16, dtype=torch.long))
-    out, lse = kernels.attention_with_lse(q, k, v, backend="flash", seq=seq)
-    out.sum().backward()
-    out, lse = kernels.attention_with_lse(q, k, v, backend="flash", seq=seq)
-    (out.sum() + lse.sum()).backward()
-    assert seen == [8, 9]  # plain, then augmented (one extra column)
+    r = torch.randn(1, 4, 16, 8)
+    losses = {"plain": lambda o, l: (o * r).sum(), "shifted": lambda o, l: (o * r).sum() + l.pow(2).sum(),
+              "augmented": lambda o, l: l.pow(2).sum()}
+    for name, fn in losses.items():
+        grads = {}
+        for backend in ("eager", "flash"):
+            seen.clear()
+            out, lse = kernels.attention_with_lse(q, k, v, backend=backend, seq=seq)
+            g = torch.autograd.grad(fn(out, lse), (q, k, v), allow_unused=True)
+            grads[backend] = [torch.zeros_like(t) if x is None else x for x, t in zip(g, (q, k, v))]
+            if backend == "flash":
+                assert seen == ([9] if name == "augmented" else [8]), (name, seen)
+        for a, b in zip(grads["eager"], grads["flash"]):
+            assert (a - b).norm() <= 1e-5 * a.norm() + 1e-7, name
