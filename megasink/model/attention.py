@@ -60,6 +60,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        # vanilla's gate changes no output: it needs a gradient only for the aux loss (set by
+        # the Transformer from aux_loss.coef)
+        self.gate_needs_grad = True
         if self.variant == "sink":
             self.sinks = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.sink_init)))
         if self.variant == "gated":
@@ -78,7 +81,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
         out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
         if self.variant == "vanilla":
-            gate = vanilla_gate(q, k, lse, seq, self.scale)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.gate_needs_grad):
+                gate = vanilla_gate(q, k, lse, seq, self.scale)  # only measured unless the aux loss is on
         elif self.variant == "sink":
             gate = sink_gate(lse, self.sinks)
             out = out * gate[..., None].to(out.dtype)

@@ -79,6 +79,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # (L, H) True for shared heads (fine-tuning): excluded from the CV. Saved in checkpoints.
         self.register_buffer("shared_heads", torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool))
+        for block in self.layers.values():
+            block.attention.gate_needs_grad = self.aux_coef > 0
         self.init_weights()
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -112,6 +114,7 @@ class Transformer(nn.Module):
         weights = imp_lib.token_weights(seq, self.cfg.attention)  # (B, T)
         sums = []
         for layer in self.layers.values():
+            layer.attention.gate_needs_grad = self.aux_coef > 0  # follows aux_coef if changed later
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h, gate = checkpoint(layer, h, cos, sin, seq, backend, use_reentrant=False)
             else:
@@ -135,5 +138,8 @@ class Transformer(nn.Module):
         logits = self.head(h)
         loss = self.lm_loss(logits, targets) if targets is not None else None
         imp = imp_lib.importance(self.gather_heads(sums), count)
-        aux = imp_lib.aux_loss(imp, self.routed_mask(), self.aux_coef, self.scale_by_heads)
+        if self.aux_coef > 0:
+            aux = imp_lib.aux_loss(imp, self.routed_mask(), self.aux_coef, self.scale_by_heads)
+        else:  # a constant: no zero gradients sent back into every gate
+            aux = torch.zeros((), dtype=imp.dtype, device=imp.device)
         return ModelOutput(logits, loss, aux, imp, sums, count)
