@@ -28,7 +28,7 @@ from train_utils import train_worker  # noqa: E402
 
 MODEL = ["model.n_layers=4", "model.d_model=256", "model.n_heads=4", "model.n_kv_heads=4", "model.seq_len=256",
          "model.vocab_size=1024", "aux_loss.coef=0", "train.progress=false", "train.log_interval=1",
-         "train.warmup_steps=1", "train.resume=none", "train.micro_batch_size=4"]
+         "train.warmup_steps=1", "train.resume=none", "train.micro_batch_size=4", "parallel.zero_stage=1"]
 
 
 def step_time(run_dir: Path, tokens_per_step: int, skip: int) -> float:
