@@ -9,11 +9,10 @@ the attention backward must use dS = P * (dP - D + dLSE). Backends:
 
 - ``eager``: explicit softmax, autograd does it all. The reference; O(T^2) memory.
 - ``flash``: a fused flash kernel forward (PyTorch's SDPA flash op on CPU/CUDA) and the
-  kernel's own backward carrying dLSE exactly: in fp32/fp64 by shifting the output it is
-  given (O' = O - dLSE/|dO|^2 dO, so D' = D - dLSE); otherwise (and for rows with dO = 0)
-  the *augmented-value backward* with one more head-dim column, v' = [v, 1],
-  dO' = [dO, dLSE], out' = [O, 0], q' = [q, 0], k' = [k, 0], which adds dLSE to dP and
-  leaves D unchanged. With no lse gradient the plain kernel backward runs.
+  *augmented-value backward*: the kernel's own backward with one more head-dim column,
+  v' = [v, 1], dO' = [dO, dLSE], out' = [O, 0], q' = [q, 0], k' = [k, 0], which adds dLSE
+  to dP and leaves D = rowsum(dO * O) unchanged. With no lse gradient the plain kernel
+  backward runs.
 - ``flex``: FlexAttention with a block mask and ``AuxRequest(lse=True)``; its backward
   carries dLSE, but torch 2.13 has no FlexAttention backward on CPU (CUDA only for training).
 - ``sdpa``: the stock fused op with its stock autograd, which drops dLSE. Allowed only where
@@ -160,22 +159,6 @@ def _augment(x: torch.Tensor, extra: Optional[torch.Tensor], pad: int) -> torch.
     return torch.cat([x, cols], dim=-1).contiguous()
 
 
-def _shifted_out_backward(dout, q, k, v, out, lse, dlse, scale, mask, extras):
-    """The kernel's own backward with the lse gradient and no extra column, or None.
-
-    The kernel uses ``out`` only for D = rowsum(dO * O). Passing O' = O - (dLSE / |dO|^2) dO
-    (per row) gives D' = D - dLSE, so its dS = P (dP - D') = P (dP - D + dLSE): exact, at the
-    original head dim, no padded copies. Rows with dO = 0 and dLSE != 0 cannot be written so:
-    then None and the caller uses the augmented backward. (Found by benchmarks/aux_overhead.py.)
-    """
-    nrm = (dout * dout).sum(-1, keepdim=True)  # (B, nh, T, 1)
-    if bool(((nrm < 1e-30) & (dlse[..., None] != 0)).any()):
-        return None
-    coef = (dlse[..., None].to(out.dtype) / nrm.clamp_min(1e-30)).masked_fill(nrm < 1e-30, 0.0)
-    out_shifted = out - coef * dout  # O' (B, nh, T, hd)
-    return _flash_bwd(dout, q, k, v, out_shifted, lse, scale, mask, extras)
-
-
 class FlashAttentionLSE(torch.autograd.Function):
     """Fused flash attention whose backward carries the gradient of lse exactly."""
 
@@ -196,10 +179,6 @@ class FlashAttentionLSE(torch.autograd.Function):
         if dlse is None:  # nothing depends on lse: the kernel's own backward is exact
             dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras)
             return dq, dk, dv, None, None
-        if q.dtype in (torch.float32, torch.float64):
-            res = _shifted_out_backward(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.mask, ctx.extras)
-            if res is not None:
-                return (*res, None, None)
         B, nkv, T, hd = k.shape
         n_rep = q.shape[1] // nkv
         k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)  # the extra column is per query head
