@@ -113,6 +113,8 @@ class PreprocessResult:
     skipped: Counter = field(default_factory=Counter)
     outputs: list = field(default_factory=list)
     seconds: float = 0.0
+    worker_seconds: float = 0.0
+    """Summed time the workers spent on chunks: close to workers x seconds when reading keeps up."""
 
     @property
     def tokens(self) -> int:
@@ -148,6 +150,7 @@ class ChunkResult:
     is_valid: np.ndarray  # (n_kept,) bool
     read: int
     skipped: Counter
+    busy_seconds: float = 0.0  # worker wall time spent in process_chunk
 
 
 def _init_worker(model_path: str, sha256: str, opts: _WorkerOptions) -> None:
@@ -239,6 +242,7 @@ def is_valid_document(raw: bytes, valid_fraction: float) -> bool:
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
     """Decode, validate, filter and encode one chunk (runs in a worker process)."""
+    start = time.perf_counter()
     sp, opts = _WORKER["sp"], _WORKER["opts"]
     skipped: Counter = Counter()
     ids_list, nbytes, valid = [], [], []
@@ -262,7 +266,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     total = int(lengths.sum())
     tokens = np.fromiter(chain.from_iterable(ids_list), dtype=opts.dtype, count=total)
     return ChunkResult(
-        tokens, lengths, np.asarray(nbytes, dtype=np.int64), np.asarray(valid, dtype=bool), len(chunk.records), skipped
+        tokens, lengths, np.asarray(nbytes, dtype=np.int64), np.asarray(valid, dtype=bool), len(chunk.records), skipped,
+        time.perf_counter() - start,
     )
 
 
@@ -328,6 +333,7 @@ def _write_result(res: ChunkResult, train: ShardedWriter, valid: Optional[Sharde
     """Append one chunk's documents to the train / valid writers and update the counts."""
     out.read += res.read
     out.skipped.update(res.skipped)
+    out.worker_seconds += res.busy_seconds
     token_is_valid = np.repeat(res.is_valid, res.lengths)  # (n_tokens,) split of every token
     for split, writer, doc_mask, tok_mask in (
         (out.train, train, ~res.is_valid, ~token_is_valid),
