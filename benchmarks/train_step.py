@@ -6,7 +6,8 @@ backward, AdamW step) of
 
 - megasink: ``Transformer`` with vanilla attention, ``attention_backend: auto`` (the fused
   flash kernel; with the aux loss off no lse gradient is taken, so the stock flash
-  backward runs), ``aux_loss.coef: 0``, backward of ``out.loss``;
+  backward runs), ``aux_loss.coef: 0``, backward of ``out.loss``, head importance not
+  measured (what ``megasink train`` does on the steps between log steps);
 - Hugging Face: ``LlamaForCausalLM`` built from the same dimensions (megasink's own HF
   export config, megasink/hf/mapping.py: hidden, intermediate = model.ffn_dim, heads, kv
   heads, vocab, rope theta, rms eps, untied embeddings, no biases) with
@@ -100,6 +101,7 @@ def build_pair(m):
 
     torch.manual_seed(0)
     ours = Transformer(m, AuxLossConfig(coef=0.0))
+    ours.measure_importance = False  # as the trainer's steps between log steps: no vanilla gates
     d = {k: v for k, v in hf_config_dict(m).items() if k not in ("architectures", "model_type", "torch_dtype")}
     d["use_cache"] = False
     hf_cfg = LlamaConfig(**d)

@@ -183,8 +183,9 @@ def test_activation_checkpointing_same_gradients(variant):
 
 
 def test_flash_backward_paths(monkeypatch):
-    """No lse gradient: the plain kernel backward at the original head dim; with one (with or
-    without an output gradient): the augmented column. All equal eager."""
+    """No lse gradient: the plain kernel backward; with one: the same kernel at the same head
+    dim with O shifted (rows without an output gradient are fine when their dLSE is 0 too);
+    a row with dLSE but no output gradient: the augmented column (hd + 1). All equal eager."""
     from megasink.model import kernels
 
     seen = []
@@ -194,9 +195,13 @@ def test_flash_backward_paths(monkeypatch):
     k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(2))  # grouped-query
     seq = SeqInfo.build(torch.zeros(1, 16, dtype=torch.long))
     r = torch.randn(1, 4, 16, 8)
-    losses = {"plain": lambda o, l: (o * r).sum(), "out+lse": lambda o, l: (o * r).sum() + l.pow(2).sum(),
-              "augmented": lambda o, l: l.pow(2).sum()}
-    for name, fn in losses.items():
+    rows = (torch.arange(16) % 3 != 0).float()[None, None, :]  # a third of the rows: no gradient
+    losses = {"plain": (lambda o, l: (o * r).sum(), [8]),
+              "out+lse": (lambda o, l: (o * r).sum() + l.pow(2).sum(), [8]),
+              "some rows with neither": (lambda o, l: (o * r * rows[..., None]).sum() + (l.pow(2) * rows).sum(), [8]),
+              "lse only": (lambda o, l: l.pow(2).sum(), [9]),
+              "some rows lse only": (lambda o, l: (o * r * rows[..., None]).sum() + l.pow(2).sum(), [9])}
+    for name, (fn, widths) in losses.items():
         grads = {}
         for backend in ("eager", "flash"):
             seen.clear()
@@ -204,6 +209,78 @@ def test_flash_backward_paths(monkeypatch):
             g = torch.autograd.grad(fn(out, lse), (q, k, v), allow_unused=True)
             grads[backend] = [torch.zeros_like(t) if x is None else x for x, t in zip(g, (q, k, v))]
             if backend == "flash":
-                assert seen == ([8] if name == "plain" else [9]), (name, seen)
+                assert seen == widths, (name, seen)
         for a, b in zip(grads["eager"], grads["flash"]):
             assert (a - b).norm() <= 1e-5 * a.norm() + 1e-7, name
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_vanilla_gate_backward_equals_autograd_fp64(docs):
+    """The hand-written VanillaGate backward against autograd of the plain expression
+    1 - exp(q . k[first] * scale - lse) with k repeated to every query head (fp64, GQA)."""
+    from megasink.model.attention import vanilla_gate
+
+    torch.manual_seed(0)
+    B, nh, nkv, T, hd = 2, 4, 2, 24, 8
+    q = torch.randn(B, nh, T, hd, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, nkv, T, hd, dtype=torch.float64, requires_grad=True)
+    lse = (torch.randn(B, nh, T, dtype=torch.float64) + 3).requires_grad_()
+    seq = SeqInfo.build(torch.zeros(B, T, dtype=torch.long), packed_doc_ids(B, T, (7, 9)) if docs else None)
+    first = seq.first_idx
+    k0 = torch.gather(k, 2, first[:, None, :, None].expand(B, nkv, T, hd)).repeat_interleave(nh // nkv, 1)
+    ref = 1 - torch.exp((q * k0).sum(-1) * hd ** -0.5 - lse)
+    got = vanilla_gate(q, k, lse, seq, hd ** -0.5)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-14)
+    r = torch.randn(B, nh, T, dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref * r).sum(), (q, k, lse))
+    g_got = torch.autograd.grad((got * r).sum(), (q, k, lse))
+    for name, a, b in zip("q k lse".split(), g_ref, g_got):
+        assert (a - b).abs().max() <= 1e-12 * a.abs().max(), name
+    assert g_ref[1].abs().sum() > 0 and (g_ref[1] != 0).sum() < g_ref[1].numel()  # only document starts
+
+
+def test_unmeasured_vanilla_gates_change_nothing_but_the_importance(variant):
+    """measure_importance=False (the trainer's steps between log steps, aux loss off): same
+    logits, loss and gradients; vanilla gate sums are NaN (not computed), other variants keep them."""
+    cfg = small_model_cfg(variant)
+    model = build_seeded(cfg, coef=0.0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    doc = packed_doc_ids(2, cfg.seq_len)
+    g_on, o_on = _loss_grads(model, tokens, doc, "flash")
+    model.measure_importance = False
+    g_off, o_off = _loss_grads(model, tokens, doc, "flash")
+    assert torch.equal(o_on.logits, o_off.logits) and torch.equal(o_on.loss, o_off.loss)
+    for name in g_on:
+        assert torch.equal(g_on[name], g_off[name]), name
+    assert torch.isfinite(o_on.gate_sums).all()
+    assert bool(torch.isnan(o_off.gate_sums).all()) == (variant == "vanilla")
+    model.aux_coef = 1.0  # the aux loss needs the gates: measured whatever the flag says
+    assert torch.isfinite(model(tokens, doc, targets=tokens).gate_sums).all()
+
+
+def test_rmsnorm_and_rope_functions_equal_autograd_fp64():
+    """The hand-written backwards of RMSNorm and RoPE against autograd of the textbook
+    expressions (Llama / HF: x / rms(x) * w; x cos + rotate_half(x) sin), fp64."""
+    from megasink.model.layers import RMSNorm, RotaryEmbedding
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 3, 16, dtype=torch.float64, requires_grad=True)
+    norm = RMSNorm(16).double()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16, dtype=torch.float64) * 0.3)
+    r = torch.randn_like(x)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    got = norm(x)
+    assert torch.allclose(got, ref, rtol=1e-13, atol=0)
+    for a, b in zip(torch.autograd.grad((ref * r).sum(), (x, norm.weight)),
+                    torch.autograd.grad((got * r).sum(), (x, norm.weight))):
+        assert torch.allclose(a, b, rtol=1e-11, atol=1e-13)
+
+    positions = torch.arange(12).expand(2, 12) % 5  # restarting per document
+    cos, sin = RotaryEmbedding(16)(positions)
+    c, s = torch.cat((cos, cos), -1)[:, :, None].double(), torch.cat((sin, sin), -1)[:, :, None].double()
+    ref = x * c + torch.cat((-x[..., 8:], x[..., :8]), -1) * s
+    got = apply_rope(x, cos, sin)
+    assert torch.allclose(got, ref, rtol=1e-13, atol=1e-15)
+    assert torch.allclose(torch.autograd.grad((ref * r).sum(), x)[0], torch.autograd.grad((got * r).sum(), x)[0],
+                          rtol=1e-13, atol=1e-15)

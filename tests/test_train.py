@@ -163,3 +163,20 @@ def test_bf16_resume_equals_uninterrupted(tmp_path, zero):
     resumed = _train(tmp_path, "resumed", 1, common + [f"train.resume={straight}/checkpoints/step_4"])
     a, b = losses(straight), losses(resumed)
     assert sorted(b) == [5, 6, 7, 8] and all(a[s] == b[s] for s in b), (a, b)
+
+
+def test_importance_measured_on_log_steps_only_changes_nothing(tmp_path):
+    # vanilla without the aux loss computes its gates only on the steps it logs: the training
+    # numbers equal a run that logs (and measures) every step, and every logged CV is finite
+    import math
+
+    common = ["train.steps=4", "aux_loss.coef=0", "model.attention=vanilla"]
+    every = _train(tmp_path, "every", 1, common + ["train.log_interval=1"])
+    sparse = _train(tmp_path, "sparse", 1, common + ["train.log_interval=3"])
+    assert sorted(losses(sparse)) == [3, 4]
+    for key in ("loss", "grad_norm"):
+        assert {s: v for s, v in losses(every, key).items() if s in (3, 4)} == losses(sparse, key)
+    from train_utils import read_metrics
+
+    cvs = [r["cv"] for r in read_metrics(sparse) if "cv" in r]
+    assert len(cvs) == 2 and all(math.isfinite(x) and x > 0 for cv in cvs for x in cv)

@@ -8,11 +8,12 @@ vanilla gate 1 - exp(s0 - lse) depend on lse, so the loss reaches q and k throug
 the attention backward must use dS = P * (dP - D + dLSE). Backends:
 
 - ``eager``: explicit softmax, autograd does it all. The reference; O(T^2) memory.
-- ``flash``: a fused flash kernel forward (PyTorch's SDPA flash op on CPU/CUDA) and the
-  *augmented-value backward*: the kernel's own backward with one more head-dim column,
-  v' = [v, 1], dO' = [dO, dLSE], out' = [O, 0], q' = [q, 0], k' = [k, 0], which adds dLSE
-  to dP and leaves D = rowsum(dO * O) unchanged. With no lse gradient the plain kernel
-  backward runs.
+- ``flash``: a fused flash kernel forward (PyTorch's SDPA flash op on CPU/CUDA) and its own
+  backward with ``out`` shifted, O' = O - (dLSE / |dO|^2) dO per row, so that the kernel's
+  D = rowsum(dO * O') becomes D - dLSE and its dS = P (dP - D + dLSE) (``_shift_out``).
+  Rows with dO = 0 but dLSE != 0 cannot be shifted; then the *augmented-value backward*
+  runs: the kernel at head dim hd + 1 with v' = [v, 1], dO' = [dO, dLSE], zeros elsewhere.
+  With no lse gradient the plain kernel backward runs.
 - ``flex``: FlexAttention with a block mask and ``AuxRequest(lse=True)``; its backward
   carries dLSE, but torch 2.13 has no FlexAttention backward on CPU (CUDA only for training).
 - ``sdpa``: the stock fused op with its stock autograd, which drops dLSE. Allowed only where
@@ -175,29 +176,67 @@ class FlashAttentionLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        elif dout.device.type != "cpu":
+            dout = dout.contiguous()
         if dlse is None:  # nothing depends on lse: the kernel's own backward is exact
             dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras)
             return dq, dk, dv, None, None
-        B, nkv, T, hd = k.shape
-        n_rep = q.shape[1] // nkv
-        k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)  # the extra column is per query head
-        pad = 1 if q.device.type == "cpu" else 8 - hd % 8 or 8  # CUDA kernels need hd % 8 == 0
-        ones = torch.ones_like(lse)
-        v_aug = _augment(v, ones, pad)  # v' = [v, 1, 0...]
-        dout_aug = _augment(dout, dlse, pad)  # dO' = [dO, dLSE, 0...]
-        q_aug, k_aug, out_aug = _augment(q, None, pad), _augment(k, None, pad), _augment(out, None, pad)
-        dq, dk, dv = _flash_bwd(dout_aug, q_aug, k_aug, v_aug, out_aug, lse, ctx.scale, ctx.mask, ctx.extras)
-        dk, dv = (g[..., :hd].reshape(B, nkv, n_rep, T, hd).sum(2) for g in (dk, dv))  # back to kv heads
-        return dq[..., :hd], dk, dv, None, None
+        out_shifted = _shift_out(out, dout, dlse)
+        if out_shifted is not None:
+            dq, dk, dv = _flash_bwd(dout, q, k, v, out_shifted, lse, ctx.scale, ctx.mask, ctx.extras)
+            return dq, dk, dv, None, None
+        return (*_augmented_bwd(ctx, dout, dlse, q, k, v, out, lse), None, None)
+
+
+# rows whose |dO|^2 is below this cannot carry dLSE through a shifted O (see _shift_out)
+_MIN_DOUT_SQ = 1e-30
+
+
+def _shift_out(out, dout, dlse):
+    """O' = O - (dLSE / |dO|^2) dO per row, or None when some row has dO ~ 0 but dLSE != 0.
+
+    Flash backward kernels read ``out`` only through D = rowsum(dO * O) and compute
+    dS = P (dP - D). With O' in its place D' = D - dLSE, so the kernel's own backward yields
+    dS = P (dP - D + dLSE): the lse gradient, exactly, at the kernel's head dim, for any
+    number of kv heads, with one reduction and one fused multiply-add of extra work. The
+    rounding matches the augmented column's: D' carries dLSE to the relative precision of
+    ``out``'s dtype."""
+    acc = acc_dtype(out.dtype)
+    d = dout.to(acc)
+    nrm = (d * d).sum(-1)  # (B, nh, T)
+    dlse = dlse.to(acc)
+    if bool(((nrm < _MIN_DOUT_SQ) & (dlse != 0)).any()):
+        return None
+    coef = dlse / nrm.clamp_min(_MIN_DOUT_SQ)  # rows with dO = 0 have dLSE = 0 here: coef 0
+    return out.to(acc).addcmul(coef[..., None], d, value=-1.0).to(out.dtype)
+
+
+def _augmented_bwd(ctx, dout, dlse, q, k, v, out, lse):
+    """The kernel backward at head dim hd + 1: v' = [v, 1], dO' = [dO, dLSE], q', k', O' padded
+    with 0, which adds dLSE to dP and leaves D unchanged. Exact for every row, incl. dO = 0."""
+    B, nkv, T, hd = k.shape
+    n_rep = q.shape[1] // nkv
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)  # the extra column is per query head
+    pad = 1 if q.device.type == "cpu" else 8 - hd % 8 or 8  # CUDA kernels need hd % 8 == 0
+    v_aug = _augment(v, torch.ones_like(lse), pad)  # v' = [v, 1, 0...]
+    dout_aug = _augment(dout, dlse, pad)  # dO' = [dO, dLSE, 0...]
+    q_aug, k_aug, out_aug = _augment(q, None, pad), _augment(k, None, pad), _augment(out, None, pad)
+    dq, dk, dv = _flash_bwd(dout_aug, q_aug, k_aug, v_aug, out_aug, lse, ctx.scale, ctx.mask, ctx.extras)
+    dk, dv = (g[..., :hd].reshape(B, nkv, n_rep, T, hd).sum(2) for g in (dk, dv))  # back to kv heads
+    return dq[..., :hd], dk, dv
 
 
 def flash_attention(q, k, v, scale: float, seq: SeqInfo):
-    if q.device.type != "cpu":  # the CPU op takes fewer kv heads (GQA) as they are
+    # The CPU op takes fewer kv heads (GQA) and q, k, v as strided views of the (B, T, n, hd)
+    # projections (bitwise the same results; its out and grads come back in that layout, so
+    # the transpose back to (B, T, nh * hd) is free as well).
+    if q.device.type != "cpu":
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     mask = seq.additive_mask(q.dtype) if seq.doc_ids is not None else None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return FlashAttentionLSE.apply(q, k, v, scale, mask)
 
 

@@ -70,6 +70,9 @@ class Transformer(nn.Module):
         self.aux_coef = aux_cfg.coef
         self.scale_by_heads = aux_cfg.scale_by_heads
         self.activation_checkpointing = False
+        # False: vanilla gates are not computed (their sums come back NaN) unless the aux loss
+        # needs them; the trainer measures only on the steps it logs
+        self.measure_importance = True
         self.cross_entropy = cross_entropy  # vocabulary-parallel under TP
         self.gather_heads = gather_heads  # differentiable all-gather over TP
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -115,12 +118,18 @@ class Transformer(nn.Module):
         sums = []
         for layer in self.layers.values():
             layer.attention.gate_needs_grad = self.aux_coef > 0  # follows aux_coef if changed later
+            layer.attention.measure_gate = self.measure_importance
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h, gate = checkpoint(layer, h, cos, sin, seq, backend, use_reentrant=False)
             else:
                 h, gate = layer(h, cos, sin, seq, backend)
-            sums.append(imp_lib.gate_sum(gate, weights))
+            sums.append(imp_lib.gate_sum(gate, weights) if gate is not None else self._unmeasured(layer, h))
         return h, torch.stack(sums), weights.sum()
+
+    def _unmeasured(self, layer, h: torch.Tensor) -> torch.Tensor:
+        """(nh_local,) NaN: the gate sums of a layer whose gates were not computed."""
+        attn = layer.attention
+        return torch.full((attn.wo.weight.shape[1] // attn.head_dim,), float("nan"), device=h.device)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h))  # (B, T, V)

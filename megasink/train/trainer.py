@@ -174,9 +174,16 @@ class Trainer:
                                             self.dims.dp))
 
     @torch.no_grad()
+    def _measure_importance(self, on: bool) -> None:
+        """Compute head importance in this step's forward? Always with the aux loss (it needs
+        it); without, vanilla gates are pure measurement and cost ~1 % of a step: only on log steps."""
+        if hasattr(self.model, "measure_importance"):
+            self.model.measure_importance = on or self.cfg.aux_loss.coef > 0
+
     def evaluate(self) -> dict:
         if self.valid_ds is None:
             return {}
+        self._measure_importance(False)
         self.engine.eval()
         batches = self._valid_batches()
         total = sum(self._global_mean(self.engine(b["tokens"], b["doc_ids"], targets=b["targets"]).loss)
@@ -256,6 +263,8 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         while self.counters.step < t.steps:
             batches = [self.loader.next_batch() for _ in range(self.accum)]
+            next_step = self.counters.step + 1
+            self._measure_importance(next_step % t.log_interval == 0 or next_step == t.steps)
             res = self.train_step(batches)
             self.counters.step += 1
             self.counters.tokens += tokens_per_step
