@@ -9,8 +9,8 @@ What it measures, in one run, on one process:
    = forward + backward + AdamW step of a single-device ``Transformer``, with the default
    attention backend (``auto``, i.e. the fused flash kernel):
 
-   - ``off``: aux_loss.coef = 0, backward of the LM loss alone (what the trainer does with
-     coef 0);
+   - ``off``: aux_loss.coef = 0, backward of the LM loss alone, head importance not
+     measured (what the trainer does with coef 0 between log steps);
    - ``on``:  aux_loss.coef = 1e-4, backward of loss + aux_loss (the gradient reaches q and k
      through lse for vanilla and sink, the gate weights for gated);
    - ``zero``: (information, tiny model only) aux_loss.coef = 0 but backward of
@@ -26,10 +26,9 @@ What it measures, in one run, on one process:
    the attributed overhead is above it, or the whole measured interval is.
 
    For the diagnosis it also times (low noise, one layer's shapes) the flash backward
-   plain, megasink's augmented-value backward, its padded copies, and a candidate
-   replacement, the shifted-out backward (benchmarks/common.py), checked against the
-   eager reference; and the same layer with ``common.patched_flash`` (the flash-backend
-   fixes of benchmarks/RESULTS.md). ``--with-fix`` adds whole steps with them to the rounds.
+   plain (no lse gradient), with the lse gradient as megasink runs it (the kernel's own
+   backward with a shifted O, kernels._shift_out) and as the augmented-value fallback
+   (and its padded copies alone), both checked against the eager reference.
 
 2. Flash vs eager. fwd+bwd (no optimizer) of the tiny model with the aux loss on, at
    sequence lengths 256, 512, 1024 with the same tokens per batch, ``flash`` against
@@ -60,7 +59,7 @@ import json
 import sys
 
 from common import (ROOT, bootstrap_ci, interleaved, machine_line, median, ms, packed_doc_ids, paired_ratio,
-                    patched_flash, set_threads, shifted_out_backward, spread, table)
+                    set_threads, spread, table)
 
 VARIANTS = ("vanilla", "sink", "gated")
 COEF_ON = 1e-4
@@ -83,8 +82,6 @@ def parse_args(argv=None):
     p.add_argument("--skip-flash", action="store_true", help="skip part 2 (flash vs eager)")
     p.add_argument("--no-docs", action="store_true", help="one document per row (no document masking)")
     p.add_argument("--target-pct", type=float, default=2.0, help="largest acceptable aux overhead in %%")
-    p.add_argument("--with-fix", action="store_true", help="also time whole steps with the candidate flash-backend "
-                   "fixes (benchmarks/common.py:patched_flash) in the same rounds")
     p.add_argument("--profile", action="store_true", help="profile on vs off for cases that miss the target")
     p.add_argument("--json", help="also write all measurements to this JSON file")
     return p.parse_args(argv)
@@ -127,20 +124,18 @@ def build(m, coef: float, backend: str = "auto"):
 
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(m, attention_backend=backend), AuxLossConfig(coef=coef))
+    model.measure_importance = coef > 0  # coef 0: as the trainer between log steps
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     return model, opt
 
 
-def train_step_fn(model, opt, batch, with_aux: bool, optimizer: bool = True, fixed: bool = False):
-    import contextlib
-
+def train_step_fn(model, opt, batch, with_aux: bool, optimizer: bool = True):
     tokens, doc, targets = batch
 
     def step():
-        with patched_flash() if fixed else contextlib.nullcontext():
-            out = model(tokens, doc, targets=targets)
-            loss = out.loss + out.aux_loss if with_aux else out.loss
-            loss.backward()
+        out = model(tokens, doc, targets=targets)
+        loss = out.loss + out.aux_loss if with_aux else out.loss
+        loss.backward()
         if optimizer:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -153,9 +148,9 @@ def step_cases(m, batch, modes=("off", "on", "zero"), backend: str = "auto", opt
     spec = {"off": (0.0, False), "on": (COEF_ON, True), "zero": (0.0, True)}
     cases = {}
     for mode in modes:
-        coef, with_aux = spec[mode.replace("_fix", "")]
+        coef, with_aux = spec[mode]
         model, opt = build(m, coef, backend)
-        cases[mode] = train_step_fn(model, opt, batch, with_aux, optimizer, fixed=mode.endswith("_fix"))
+        cases[mode] = train_step_fn(model, opt, batch, with_aux, optimizer)
         cases[mode].n_params = sum(p.numel() for p in model.parameters())
     return cases
 
@@ -165,9 +160,8 @@ def attention_cases(m, B: int, docs: bool) -> dict:
     """One attention layer (megasink.model.attention.Attention, flash backend) at the case's
     shapes, fwd + bwd from its input, the gate sums computed as the model does: ``off``
     backpropagates an output loss only, ``on`` adds a loss on the gate sums (what the aux
-    loss adds to every layer's backward); ``*_fix`` the same with common.patched_flash."""
-    import contextlib
-
+    loss adds to every layer's backward). ``off`` runs the layer as the model does without
+    the aux loss between log steps: vanilla gates neither differentiated nor computed."""
     import torch
 
     from megasink.model.attention import Attention
@@ -185,19 +179,19 @@ def attention_cases(m, B: int, docs: bool) -> dict:
     x = torch.randn(B, m.seq_len, m.d_model, generator=g).requires_grad_()
     dy, r = torch.randn(B, m.seq_len, m.d_model, generator=g), torch.randn(m.n_heads, generator=g)
 
-    def case(with_aux: bool, fixed: bool):
+    def case(with_aux: bool):
         def f():
-            with patched_flash() if fixed else contextlib.nullcontext():
-                y, gate = attn(x, cos, sin, seq, "flash")
-                sums = gate_sum(gate, weights)  # (H,)
-                loss = (y * dy).sum() + ((sums * r).sum() if with_aux else 0.0)
-                loss.backward()
+            attn.gate_needs_grad = attn.measure_gate = with_aux
+            y, gate = attn(x, cos, sin, seq, "flash")
+            loss = (y * dy).sum()
+            if with_aux:
+                loss = loss + (gate_sum(gate, weights) * r).sum()  # (H,) sums, as the model
+            loss.backward()
             x.grad = None
             attn.zero_grad(set_to_none=True)
         return f
 
-    return {"off": case(False, False), "on": case(True, False), "off_fix": case(False, True),
-            "on_fix": case(True, True)}
+    return {"off": case(False), "on": case(True)}
 
 
 def aux_graph_cases(m) -> dict:
@@ -230,19 +224,17 @@ def attribute(m, B: int, docs: bool, reps: int, clock: str) -> dict:
     d_aux = median(x - y for x, y in zip(a["on"], a["off"]))
     L = m.n_layers
     return dict(attn_off_s=median(t["off"]), attn_delta_s=delta("on", "off"), aux_graph_s=d_aux,
-                extra_s=L * delta("on", "off") + d_aux,
-                fix_off_saving_s=L * delta("off", "off_fix"),  # what the no-aux step pays for the dead fast path
-                fix_extra_s=L * delta("on_fix", "off_fix") + d_aux,  # the aux loss's cost with the fixes
-                fix_on_vs_off_s=L * delta("on_fix", "off"))  # with fixes and aux vs today's no-aux step
+                extra_s=L * delta("on", "off") + d_aux)
 
 
 def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
-    """For one layer's attention shapes: the flash backward plain (no lse gradient), the
-    augmented one megasink uses (and its padded copies alone), and the shifted-out one,
-    whose gradients are checked against the eager reference."""
+    """For one layer's attention shapes: the flash backward plain (no lse gradient), with the
+    lse gradient as megasink runs it (shifted O) and as the augmented fallback (and its padded
+    copies alone); the gradients of both checked against the eager reference."""
     import torch
 
-    from megasink.model.kernels import SeqInfo, _augment, _flash_bwd, _flash_fwd, _repeat_kv, eager_attention
+    from megasink.model.kernels import (SeqInfo, _augment, _flash_bwd, _flash_fwd, _repeat_kv, _shift_out,
+                                        eager_attention)
 
     g = torch.Generator().manual_seed(0)
     H, hd, T = m.n_heads, m.head_dim, m.seq_len
@@ -266,7 +258,7 @@ def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
         return dq[..., :hd], dk[..., :hd], dv[..., :hd]
 
     cases = {"plain": lambda: _flash_bwd(dout, q, k, v, out, lse, scale, mask, ex), "augmented": augmented,
-             "copies": copies, "shifted": lambda: shifted_out_backward(dout, q, k, v, out, lse, dlse, scale, mask, ex)}
+             "copies": copies, "shifted": lambda: _flash_bwd(dout, q, k, v, _shift_out(out, dout, dlse), lse, scale, mask, ex)}
     t = interleaved(cases, reps=reps, warmup=3, clock=clock)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     o_ref, l_ref = eager_attention(qr, kr, vr, scale, seq)
@@ -287,7 +279,6 @@ def run_aux(args, docs: bool) -> list[dict]:
             reps = 3 if args.quick else (args.reps_tiny if size == "tiny" else args.reps_50m)
             batch = make_batch(m, B, docs)
             modes = ("off", "on", "zero") if size == "tiny" else ("off", "on")  # "zero" is shown on tiny only
-            modes += ("off_fix", "on_fix") if args.with_fix else ()
             cases = step_cases(m, batch, modes)
             t = interleaved(cases, reps=reps, warmup=1 if args.quick or size != "tiny" else 2, clock=args.clock)
             ratios = [a / b for a, b in zip(t["on"], t["off"])]
@@ -300,11 +291,6 @@ def run_aux(args, docs: bool) -> list[dict]:
                        noise=spread(t["off"]),
                        wall_overhead=paired_ratio(t.wall["on"], t.wall["off"]) - 1,
                        params=cases["off"].n_params, n_layers=m.n_layers)
-            if args.with_fix:
-                row["fix"] = dict(off_s=median(t["off_fix"]), on_s=median(t["on_fix"]),
-                                  off_speedup=paired_ratio(t["off"], t["off_fix"]) - 1,
-                                  overhead=paired_ratio(t["on_fix"], t["off_fix"]) - 1,
-                                  on_vs_off=paired_ratio(t["on_fix"], t["off"]) - 1)
             att = attribute(m, B, docs, reps=5 if args.quick else args.reps_attr, clock=args.clock)
             row.update(att, attributed=att["extra_s"] / row["off_s"])
             if variant == "vanilla":
@@ -339,32 +325,16 @@ def print_aux(rows, target_pct):
           "when the attributed overhead is above the target or the whole interval is.")
     print("\n#### Where the added time goes (per step)\n")
     print(table(["model", "variant", "attention layer fwd+bwd ms", "+ per layer with aux ms", "x layers",
-                 "aux graph bwd ms", "added ms/step", "of off step", "off step: saved by the fix",
-                 "aux cost with fix", "fix + aux vs off today"],
+                 "aux graph bwd ms", "added ms/step", "of off step"],
                 [[r["size"], r["variant"], ms(r["attn_off_s"]), f"{1e3 * r['attn_delta_s']:+.2f}",
                   f"{1e3 * r['attn_delta_s'] * r['n_layers']:+.2f}", f"{1e3 * r['aux_graph_s']:+.3f}",
-                  f"{1e3 * r['extra_s']:+.2f}", pct(r["attributed"]),
-                  f"{1e3 * r['fix_off_saving_s']:.1f} ms ({pct(r['fix_off_saving_s'] / r['off_s'])})",
-                  f"{1e3 * r['fix_extra_s']:.1f} ms ({pct(r['fix_extra_s'] / r['off_s'])})",
-                  pct(r["fix_on_vs_off_s"] / r["off_s"])] for r in rows]))
-    print("\nper layer: one Attention layer's fwd+bwd, on - off, L x that + the aux graph's backward = added. "
-          "The last three columns use the candidate fixes (benchmarks/common.py:patched_flash): what they save on "
-          "today's no-aux step (FlashAttentionLSE.backward gets dlse as zeros, never None, so it always runs the "
-          "augmented backward: vanilla and gated need the plain one, sink the lse term via the shifted-out "
-          "backward; and k/v go to the kernel without the GQA repeat and contiguous copies); what the aux loss "
-          "would cost on top of a fixed no-aux step; and a fixed step with the aux loss against today's no-aux step.")
-    fixed = [r for r in rows if "fix" in r]
-    if fixed:
-        print("\n#### Whole steps with the candidate fix (same rounds)\n")
-        print(table(["model", "variant", "off ms", "off fixed ms", "off: fix saves", "on fixed ms",
-                     "overhead with fix (on fixed / off fixed)", "on fixed / off today"],
-                    [[r["size"], r["variant"], ms(r["off_s"]), ms(r["fix"]["off_s"]), pct(r["fix"]["off_speedup"]),
-                      ms(r["fix"]["on_s"]), pct(r["fix"]["overhead"]), pct(r["fix"]["on_vs_off"])] for r in fixed]))
+                  f"{1e3 * r['extra_s']:+.2f}", pct(r["attributed"])] for r in rows]))
+    print("\nper layer: one Attention layer's fwd+bwd, on - off, L x that + the aux graph's backward = added.")
     split = [r for r in rows if "split" in r]
     if split:
         print("\n#### vanilla: the flash backward of one layer, plain vs with the lse gradient\n")
-        print(table(["model", "B x H x T x hd", "plain ms", "augmented ms", "of which copies ms",
-                     "shifted-out ms", "err augmented", "err shifted-out", "augmented: +% of step",
+        print(table(["model", "B x H x T x hd", "plain ms", "augmented (fallback) ms", "of which copies ms",
+                     "shifted-out (used) ms", "err augmented", "err shifted-out", "augmented: +% of step",
                      "shifted-out: +% of step"],
                     [[r["size"], r["split"]["shape"], ms(r["split"]["plain_s"]), ms(r["split"]["augmented_s"]),
                       ms(r["split"]["copies_s"]), ms(r["split"]["shifted_s"]), f"{r['split']['err_augmented']:.1e}",
@@ -372,9 +342,9 @@ def print_aux(rows, target_pct):
                       pct(r["n_layers"] * (r["split"]["augmented_s"] - r["split"]["plain_s"]) / r["off_s"]),
                       pct(r["n_layers"] * (r["split"]["shifted_s"] - r["split"]["plain_s"]) / r["off_s"])]
                      for r in split]))
-        print("\naugmented: megasink's backward (kernels.FlashAttentionLSE: 5 padded copies, kernel at hd + 1); "
-              "shifted-out: the kernel's own backward with out' = O - (dLSE / |dO|^2) dO, so that "
-              "D' = rowsum(dO out') = D - dLSE (the candidate fix, benchmarks/common.py:shifted_out_backward); "
+        print("\nshifted-out: megasink's backward with an lse gradient (kernels._shift_out: the kernel's own "
+              "backward with out' = O - (dLSE / |dO|^2) dO, so D' = rowsum(dO out') = D - dLSE); augmented: its "
+              "fallback for rows with dLSE but no dO (5 padded copies, kernel at hd + 1); "
               "err: max relative error of dq, dk, dv against the eager reference.")
 
 

@@ -21,24 +21,24 @@ Forward
                 picked target logit, SUM of the sum of exps, each (N,)            3 x N
   importance    GatherHeads all_gather of the gate sums: P x (L, H/P) -> (L, H)   1 x L H
 Backward
-  column-parallel inputs: CopyToTP all-reduces the gradient of the input of *each*
-                ColumnParallelLinear (and ReplicatedHeadsLinear) separately: wq, wk,
-                wv, w1, w3 in every layer, plus the output head             (5L + 1) x N d
+  column-parallel inputs: CopyToTP all-reduces the gradient of each block's two norm
+                outputs (CopiedNorm: the summed input gradient of wq, wk, wv, and of
+                w1, w3), plus the output head's input                      (2L + 1) x N d
   replicated kv (only when Hkv % P != 0): CopyToTP on the wk and wv *weights*
                 all-reduces their full gradients                           2L x Hkv hd d
   ReduceFromTP, GatherHeads and the cross-entropy have no collective in their backward.
 
-  elements = N d (7L + 2) + 3 N + L H  [+ 2 L Hkv hd d]
+  elements = N d (4L + 2) + 3 N + L H  [+ 2 L Hkv hd d]
 
 "Payload" counts each call's tensor once (the gathered (L, H) result for the all-gather).
 "Wire" is the ring-algorithm estimate of bytes each rank sends: 2 (P-1)/P x payload for
 an all-reduce, (P-1)/P x payload for an all-gather. The importance all-gather's share of
-the traffic is **expected to be negligible** (L H against N d (7L + 2)); the table also
+the traffic is **expected to be negligible** (L H against N d (4L + 2)); the table also
 gives it for the repository's 0.6B/1B/2B configs from the formula.
 
-Note the backward: Megatron does two all-reduces per layer there too (one for the fused
-QKV input, one for the MLP input); megasink does five, because every column-parallel
-linear wraps its own input in CopyToTP. See benchmarks/RESULTS.md.
+The backward matches Megatron's two all-reduces per layer (one for the fused QKV input, one
+for the MLP input). Until 2026-11-29 megasink did five (every column-parallel linear copied
+its own input): (5L + 1) -> (2L + 1) x N d, see benchmarks/RESULTS.md.
 
 Exit status: 0 when every rank's record equals the formula for every variant and tp
 size, 1 otherwise. ``--quick`` runs tp=2 only.
@@ -87,7 +87,7 @@ def expected(m, B: int, P: int, trainer: bool = False) -> dict:
         ("forward", "all_reduce", "RowParallelLinear/ReduceFromTP"): (2 * L, N * d),
         ("forward", "all_reduce", "VocabParallelCrossEntropy"): (3, N),
         ("forward", "all_gather", "GatherHeads"): (1, L * H),
-        ("backward", "all_reduce", "CopyToTP (activation)"): (5 * L + 1, N * d),
+        ("backward", "all_reduce", "CopyToTP (activation)"): (2 * L + 1, N * d),
     }
     if m.kv_heads % P:
         e[("backward", "all_reduce", "CopyToTP (replicated kv weight)")] = (2 * L, m.kv_heads * m.head_dim * d)
@@ -99,7 +99,7 @@ def expected(m, B: int, P: int, trainer: bool = False) -> dict:
 def formula_total(m, B: int, P: int) -> tuple[int, int]:
     """(total elements, importance elements) per rank per step, closed form."""
     N, d, L, H = B * m.seq_len, m.d_model, m.n_layers, m.n_heads
-    total = N * d * (7 * L + 2) + 3 * N + L * H + (2 * L * m.kv_heads * m.head_dim * d if m.kv_heads % P else 0)
+    total = N * d * (4 * L + 2) + 3 * N + L * H + (2 * L * m.kv_heads * m.head_dim * d if m.kv_heads % P else 0)
     return total, L * H
 
 

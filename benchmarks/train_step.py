@@ -26,9 +26,8 @@ seq 512, batch 2; ~59M parameters).
 **Target: megasink at least as fast as HF (HF step time / megasink step time >= 1.0)**
 for both sizes. Exit status 1 when missed (``--quick``: small shapes, not enforced).
 ``--profile`` prints a torch.profiler comparison (self time per op, steps profiled one at
-a time, interleaved). ``--explain`` adds two megasink cases to the same rounds, to
-attribute a gap: with the flash-backward fix of benchmarks/common.py:patched_flash, and
-with that fix and the vanilla gate computation stubbed out (timing only).
+a time, interleaved). ``--explain`` adds a megasink case to the same rounds that measures
+head importance (the vanilla gates), as the trainer's log steps do.
 
 Protocol (benchmarks/common.py): warm-up, interleaved rounds, medians, ratio = median of
 per-round ratios with a bootstrap 95 % interval. 1 intra-op thread and the process CPU
@@ -61,8 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--reps-mid", type=int, default=10, help="timed rounds, mid")
     p.add_argument("--mid-batch", type=int, default=2, help="batch size of the mid config")
     p.add_argument("--profile", action="store_true", help="profile steps of each implementation per size")
-    p.add_argument("--explain", action="store_true", help="also time megasink with the candidate fixes "
-                   "(flash backward, vanilla gates) to attribute the difference")
+    p.add_argument("--explain", action="store_true", help="also time megasink measuring head importance "
+                   "(as on log steps)")
     p.add_argument("--json", help="also write the measurements to this JSON file")
     return p.parse_args(argv)
 
@@ -137,22 +136,15 @@ def check_parity(ours, hf, tokens, targets) -> float:
 
 
 def step_fns(ours, hf, tokens, targets, explain: bool = False):
-    """{case: step()}. With `explain`, two more megasink cases on copies of its weights:
-    ``fixed`` runs the flash backend with the fixes of benchmarks/common.py:patched_flash,
-    ``fixed-nogate`` also skips computing the vanilla gates (wrong importance: attribution only)."""
-    import contextlib
+    """{case: step()}. With `explain`, ``measured``: megasink on a copy of its weights with
+    head importance measured (vanilla gates computed, as on the trainer's log steps)."""
     import copy
 
-    from common import patched_flash, stub_vanilla_gate
-
-    def megasink_step(model, patches=()):
+    def megasink_step(model):
         opt = adamw(model.parameters())
 
         def step():
-            with contextlib.ExitStack() as stack:
-                for p in patches:
-                    stack.enter_context(p())
-                model(tokens, targets=targets).loss.backward()
+            model(tokens, targets=targets).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -167,8 +159,9 @@ def step_fns(ours, hf, tokens, targets, explain: bool = False):
 
     steps = {"megasink": megasink_step(ours), "hf": step_hf}
     if explain:
-        steps["fixed"] = megasink_step(copy.deepcopy(ours), (patched_flash,))
-        steps["fixed-nogate"] = megasink_step(copy.deepcopy(ours), (patched_flash, stub_vanilla_gate))
+        measured = copy.deepcopy(ours)
+        measured.measure_importance = True
+        steps["measured"] = megasink_step(measured)
     return steps
 
 
@@ -223,7 +216,7 @@ def main(argv=None) -> int:
                    ci=bootstrap_ci(ratios), wall_ratio=median(h / o for h, o in zip(t.wall["hf"], t.wall["megasink"])),
                    noise=spread(t["megasink"]), parity=rel, reps=reps)
         row["ours_tok_s"], row["hf_tok_s"] = n_tok / row["ours_s"], n_tok / row["hf_s"]
-        for case in ("fixed", "fixed-nogate"):
+        for case in ("measured",):
             if case in t:
                 r_case = [h / o for h, o in zip(t["hf"], t[case])]
                 row[case] = dict(s=median(t[case]), ratio=median(r_case), ci=bootstrap_ci(r_case))
@@ -240,19 +233,13 @@ def main(argv=None) -> int:
                   f"{r['ours_tok_s']:.0f}", f"{r['hf_tok_s']:.0f}", f"{r['ratio']:.3f}",
                   f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", f"{r['wall_ratio']:.3f}", f"{100 * r['noise']:.0f}%",
                   "yes" if r["ratio"] >= 1.0 else "NO"] for r in rows]))
-    explained = [r for r in rows if "fixed" in r]
+    explained = [r for r in rows if "measured" in r]
     if explained:
-        print("\n#### Attribution: megasink with the candidate fixes (benchmarks/common.py), same run\n")
-        print(table(["config", "megasink ms", "fixed flash ms", "HF/fixed", "95% CI", "+ no vanilla gates ms",
-                     "HF/(fixed, no gates)", "HF ms"],
-                    [[r["size"], ms(r["ours_s"]), ms(r["fixed"]["s"]), f"{r['fixed']['ratio']:.3f}",
-                      f"[{r['fixed']['ci'][0]:.3f}, {r['fixed']['ci'][1]:.3f}]", ms(r["fixed-nogate"]["s"]),
-                      f"{r['fixed-nogate']['ratio']:.3f}", ms(r["hf_s"])] for r in explained]))
-        print("\nfixed flash: benchmarks/common.py:patched_flash, i.e. FlashAttentionLSE with "
-              "ctx.set_materialize_grads(False) (the plain kernel backward when lse gets no gradient), the "
-              "shifted-out backward when it does, and k/v passed to the CPU flash op without the GQA repeat and "
-              ".contiguous() copies; no vanilla gates: the gate computation stubbed out as well (attribution only: "
-              "importance is then wrong).")
+        print("\n#### megasink measuring head importance (as on log steps), same rounds\n")
+        print(table(["config", "megasink ms", "measured ms", "HF/measured", "95% CI", "HF ms"],
+                    [[r["size"], ms(r["ours_s"]), ms(r["measured"]["s"]), f"{r['measured']['ratio']:.3f}",
+                      f"[{r['measured']['ci'][0]:.3f}, {r['measured']['ci'][1]:.3f}]", ms(r["hf_s"])]
+                     for r in explained]))
     print("\nSame weights in both (loss parity checked: |rel diff| "
           + ", ".join(f"{r['parity']:.1e}" for r in rows) + f"); torch {torch.__version__}.")
     print(f"# done: {machine_line()}")

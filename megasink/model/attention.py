@@ -32,27 +32,35 @@ def vanilla_gate(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, seq: SeqIn
 
 
 def _log_first_weight(q, k, lse, first_idx, scale):
-    """(s0 - lse (B, nh, T), k0): the log of each token's weight on its document's first key."""
+    """(s0 - lse (B, nh, T), k0): the log of each token's weight on its document's first key.
+
+    k0 is (B, nkv, 1, hd) for one document per row, else token-major (B, T, nkv, hd): the
+    layout q, k and v have as views of their projections, in which picking each token's
+    first key is a row copy (index_select) and q . k0 a contiguous product."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     acc = lse.dtype
-    k0 = _first_keys(k, first_idx)  # (B, nkv, T or 1, hd)
-    qg = q.view(B, nkv, nh // nkv, T, hd).to(acc)
     if first_idx is None:  # one key per row: a batched matrix-vector product
-        s0 = torch.einsum("bngtd,bnd->bngt", qg, k0[:, :, 0].to(acc))
+        k0 = k[:, :, :1]
+        s0 = torch.einsum("bngtd,bnd->bngt", q.view(B, nkv, nh // nkv, T, hd).to(acc), k0[:, :, 0].to(acc))
+        s0 = s0.reshape(B, nh, T)
     else:
-        s0 = torch.einsum("bngtd,bntd->bngt", qg, k0.to(acc))
-    return s0.reshape(B, nh, T).mul_(scale).sub_(lse), k0
+        k0 = _first_keys(k, first_idx)  # (B, T, nkv, hd)
+        qt = q.transpose(1, 2).reshape(B, T, nkv, nh // nkv, hd)
+        s0 = (qt.to(acc) * k0[:, :, :, None].to(acc)).sum(-1).view(B, T, nh).transpose(1, 2)
+    return s0 * scale - lse, k0
 
 
 class VanillaGate(torch.autograd.Function):
     """G = -expm1(s0 - lse), s0[t] = q[t] . k[first(t)] * scale, with a hand-written backward.
 
-    Autograd of the plain expression repeats k0 to every query head and makes ~8 full-size
-    passes in the backward; here the kv heads broadcast over their query-head group, and the
-    backward is dq = ds0 * k0, dk[first] += sum over the group and the document of ds0 * q,
-    dlse = -ds0 with ds0 = -dG * exp(s0 - lse) * scale. ``first_idx`` None: one document per
-    row, k0 = k[:, :, 0]. Checked against autograd of the plain expression and eager attention."""
+    Autograd of the plain expression repeats k0 to every query head and gathers/scatters
+    along a strided dim (~10 full-size passes, 0.8 ms each for gather and scatter_add at
+    1x8x512x64); here the kv heads broadcast over their query-head group, in token-major
+    layout, and the backward is dq = ds0 * k0, dk[first] += sum over the group and the
+    document of ds0 * q (index_add of rows), dlse = -ds0, with
+    ds0 = -dG * exp(s0 - lse) * scale. ``first_idx`` None: one document per row, k0 = k[:, :, 0].
+    Checked against autograd of the plain expression and eager attention."""
 
     @staticmethod
     def forward(ctx, q, k, lse, first_idx, scale):
@@ -65,28 +73,40 @@ class VanillaGate(torch.autograd.Function):
     def backward(ctx, dgate):
         q, k0, p0 = ctx.saved_tensors
         B, nh, T, hd = q.shape
-        nkv = k0.shape[1]
+        nkv = ctx.k_shape[1]
+        g = nh // nkv
         dlse = dgate * p0  # dG/dlse = p0 = -dG/ds0
-        w = (dlse * -ctx.scale).to(q.dtype).view(B, nkv, nh // nkv, T, 1)  # dL/ds0 * scale
+        w = (dlse * -ctx.scale).to(q.dtype)  # dL/ds0 * scale, (B, nh, T)
         dq = dk = None
+        if ctx.first_idx is None:
+            w = w.view(B, nkv, g, T, 1)
+            if ctx.needs_input_grad[0]:
+                dq = (w * k0[:, :, None]).reshape(B, nh, T, hd)
+            if ctx.needs_input_grad[1]:
+                dk = q.new_zeros(ctx.k_shape)
+                dk[:, :, 0] = (w * q.view(B, nkv, g, T, hd)).sum((2, 3))
+            return dq, dk, dlse, None, None
+        wt = w.transpose(1, 2).reshape(B, T, nkv, g, 1)
         if ctx.needs_input_grad[0]:
-            dq = (w * k0[:, :, None]).reshape(B, nh, T, hd)
+            dq = (wt * k0[:, :, :, None]).view(B, T, nh, hd).transpose(1, 2)  # q's own layout
         if ctx.needs_input_grad[1]:
-            dk0 = (w * q.view(B, nkv, nh // nkv, T, hd)).sum(2)  # (B, nkv, T, hd), summed over the group
-            dk = q.new_zeros(ctx.k_shape)
-            if ctx.first_idx is None:
-                dk[:, :, 0] = dk0.sum(2)
-            else:  # every token's term goes to its document's first key
-                dk.scatter_add_(2, ctx.first_idx[:, None, :, None].expand(B, nkv, T, hd), dk0)
+            dk0 = (wt * q.transpose(1, 2).reshape(B, T, nkv, g, hd)).sum(3)  # (B, T, nkv, hd)
+            dk = q.new_zeros(B * T, nkv * hd).index_add_(0, _flat_first(ctx.first_idx), dk0.view(B * T, -1))
+            dk = dk.view(B, T, nkv, hd).transpose(1, 2)  # every token's term on its document's first key
         return dq, dk, dlse, None, None
 
 
-def _first_keys(k: torch.Tensor, first_idx) -> torch.Tensor:
-    """Key of each token's document start, (B, nkv, T, hd); (B, nkv, 1, hd) for one document per row."""
-    if first_idx is None:
-        return k[:, :, :1]
+def _flat_first(first_idx: torch.Tensor) -> torch.Tensor:
+    """(B * T,) row of each token's document start in a (B * T, ...) token-major view."""
+    B, T = first_idx.shape
+    return (first_idx + torch.arange(B, device=first_idx.device)[:, None] * T).reshape(-1)
+
+
+def _first_keys(k: torch.Tensor, first_idx: torch.Tensor) -> torch.Tensor:
+    """(B, T, nkv, hd): the key of each token's document start, token-major."""
     B, nkv, T, hd = k.shape
-    return torch.gather(k, 2, first_idx[:, None, :, None].expand(B, nkv, T, hd))
+    rows = k.transpose(1, 2).reshape(B * T, nkv * hd)  # a view when k is a projection's view
+    return rows.index_select(0, _flat_first(first_idx)).view(B, T, nkv, hd)
 
 
 def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
