@@ -243,6 +243,7 @@ def is_valid_document(raw: bytes, valid_fraction: float) -> bool:
 def process_chunk(chunk: Chunk) -> ChunkResult:
     """Decode, validate, filter and encode one chunk (runs in a worker process)."""
     start = time.perf_counter()
+    chunk = chunk.as_lists()
     sp, opts = _WORKER["sp"], _WORKER["opts"]
     skipped: Counter = Counter()
     ids_list, nbytes, valid = [], [], []

@@ -46,6 +46,9 @@ class Chunk:
 
     ``records``: for parquet/arrow, text values (bytes or None); for jsonl, raw lines.
     ``int_scores`` / ``scores``: per record, only for parquet/arrow when a filter needs them.
+    Parquet/arrow chunks come out of ``iter_chunks`` as Arrow arrays, which travel to worker
+    processes as a few buffers (one copy, no per-document objects in the reading process);
+    call ``as_lists()`` before indexing records.
     """
 
     source: int
@@ -53,6 +56,11 @@ class Chunk:
     records: list
     int_scores: Optional[list] = None
     scores: Optional[list] = None
+
+    def as_lists(self) -> "Chunk":
+        """The same chunk with Python lists (bytes / None, numbers / None) in every field."""
+        to_list = lambda xs: xs.to_pylist() if hasattr(xs, "to_pylist") else xs  # noqa: E731
+        return Chunk(self.source, self.kind, to_list(self.records), to_list(self.int_scores), to_list(self.scores))
 
 
 @dataclass
@@ -304,7 +312,6 @@ def _arrow_chunks(index: int, source: Source, opts: ReadOptions) -> Iterator[Chu
             text = text.cast(pa.binary())  # zero-copy; UTF-8 is validated in the worker
         elif pa.types.is_large_string(text.type):
             text = text.cast(pa.large_binary())
-        records = text.to_pylist()
-        int_scores = batch.column("int_score").to_pylist() if opts.need_int_score else None
-        scores = batch.column("score").to_pylist() if opts.need_score else None
-        yield Chunk(index, source.kind, records, int_scores, scores)
+        int_scores = batch.column("int_score") if opts.need_int_score else None
+        scores = batch.column("score") if opts.need_score else None
+        yield Chunk(index, source.kind, text, int_scores, scores)

@@ -92,6 +92,7 @@ def _decoded_texts(cfg: TokenizerConfig) -> Iterator[str]:
     wopts = _WorkerOptions(cfg.text_key, "int32", cfg.min_int_score, None, 0, 0, 0.0, -1, -1)
     skipped: Counter = Counter()
     for chunk in iter_chunks(sources, opts):
+        chunk = chunk.as_lists()
         for i in range(len(chunk.records)):
             fields = _record_fields(chunk, i, wopts, skipped)
             if fields is not None and _keep(*fields, wopts, skipped) is not None:
