@@ -256,6 +256,8 @@ def test_unmeasured_vanilla_gates_change_nothing_but_the_importance(variant):
     assert bool(torch.isnan(o_off.gate_sums).all()) == (variant == "vanilla")
     model.aux_coef = 1.0  # the aux loss needs the gates: measured whatever the flag says
     assert torch.isfinite(model(tokens, doc, targets=tokens).gate_sums).all()
+    with torch.no_grad():  # also without a graph (the trainer's statistics pass)
+        assert torch.isfinite(model(tokens, doc, targets=tokens).aux_loss)
 
 
 def test_rmsnorm_and_rope_functions_equal_autograd_fp64():

@@ -264,7 +264,7 @@ def iter_chunks(sources: list[Source], opts: ReadOptions, max_docs: int = 0) -> 
 
 
 def _truncate(chunk: Chunk, n: int) -> Chunk:
-    cut = lambda xs: None if xs is None else xs[:n]  # noqa: E731
+    cut = lambda xs: None if xs is None else (_compact(xs[:n]) if hasattr(xs, "to_pylist") else xs[:n])  # noqa: E731
     return Chunk(chunk.source, chunk.kind, chunk.records[:n], cut(chunk.int_scores), cut(chunk.scores))
 
 
@@ -312,6 +312,15 @@ def _arrow_chunks(index: int, source: Source, opts: ReadOptions) -> Iterator[Chu
             text = text.cast(pa.binary())  # zero-copy; UTF-8 is validated in the worker
         elif pa.types.is_large_string(text.type):
             text = text.cast(pa.large_binary())
-        int_scores = batch.column("int_score") if opts.need_int_score else None
-        scores = batch.column("score") if opts.need_score else None
-        yield Chunk(index, source.kind, text, int_scores, scores)
+        int_scores = _compact(batch.column("int_score")) if opts.need_int_score else None
+        scores = _compact(batch.column("score")) if opts.need_score else None
+        yield Chunk(index, source.kind, _compact(text), int_scores, scores)
+
+
+def _compact(values):
+    """An Arrow array holding just its own rows: a slice (a ``datasets`` batch of a larger record
+    batch, or a truncated chunk) would otherwise pickle its parent's whole buffers."""
+    import pyarrow as pa
+
+    parts = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    return pa.concat_arrays(parts) if parts else pa.array([], type=values.type)

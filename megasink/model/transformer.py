@@ -118,7 +118,7 @@ class Transformer(nn.Module):
         sums = []
         for layer in self.layers.values():
             layer.attention.gate_needs_grad = self.aux_coef > 0  # follows aux_coef if changed later
-            layer.attention.measure_gate = self.measure_importance
+            layer.attention.measure_gate = self.measure_importance or self.aux_coef > 0  # the aux loss reads them
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h, gate = checkpoint(layer, h, cos, sin, seq, backend, use_reentrant=False)
             else:

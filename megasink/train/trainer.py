@@ -173,22 +173,26 @@ class Trainer:
         return list(iter_validation_batches(self.valid_ds, t.micro_batch_size, t.eval_steps, self.dims.dp_rank,
                                             self.dims.dp))
 
-    @torch.no_grad()
-    def _measure_importance(self, on: bool) -> None:
+    def _measure_importance(self, on: bool) -> bool:
         """Compute head importance in this step's forward? Always with the aux loss (it needs
-        it); without, vanilla gates are pure measurement and cost ~1 % of a step: only on log steps."""
+        it); without, vanilla gates are pure measurement (~1 % of a step): only on log steps.
+        Returns the previous setting."""
+        before = getattr(self.model, "measure_importance", True)
         if hasattr(self.model, "measure_importance"):
             self.model.measure_importance = on or self.cfg.aux_loss.coef > 0
+        return before
 
+    @torch.no_grad()
     def evaluate(self) -> dict:
         if self.valid_ds is None:
             return {}
-        self._measure_importance(False)
+        measured = self._measure_importance(False)
         self.engine.eval()
         batches = self._valid_batches()
         total = sum(self._global_mean(self.engine(b["tokens"], b["doc_ids"], targets=b["targets"]).loss)
                     for b in batches)
         self.engine.train()
+        self._measure_importance(measured)
         return self._eval_record(total / len(batches))
 
     def _eval_record(self, val_loss: float) -> dict:
