@@ -233,8 +233,8 @@ def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
     copies alone); the gradients of both checked against the eager reference."""
     import torch
 
-    from megasink.model.kernels import (SeqInfo, _augment, _flash_bwd, _flash_fwd, _repeat_kv, _shift_out,
-                                        eager_attention)
+    from megasink.model.kernels import (SeqInfo, _augment, _augmented_bwd, _flash_bwd, _flash_fwd, _repeat_kv,
+                                        _shift_out, eager_attention)
 
     g = torch.Generator().manual_seed(0)
     H, hd, T = m.n_heads, m.head_dim, m.seq_len
@@ -253,9 +253,7 @@ def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
                 _augment(k, None, 1), _augment(out, None, 1))
 
     def augmented():
-        va, da, qa, ka, oa = copies()
-        dq, dk, dv = _flash_bwd(da, qa, ka, va, oa, lse, scale, mask, ex)
-        return dq[..., :hd], dk[..., :hd], dv[..., :hd]
+        return _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, ex)
 
     cases = {"plain": lambda: _flash_bwd(dout, q, k, v, out, lse, scale, mask, ex), "augmented": augmented,
              "copies": copies, "shifted": lambda: _flash_bwd(dout, q, k, v, _shift_out(out, dout, dlse), lse, scale, mask, ex)}

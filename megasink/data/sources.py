@@ -265,7 +265,7 @@ def iter_chunks(sources: list[Source], opts: ReadOptions, max_docs: int = 0) -> 
 
 def _truncate(chunk: Chunk, n: int) -> Chunk:
     cut = lambda xs: None if xs is None else (_compact(xs[:n]) if hasattr(xs, "to_pylist") else xs[:n])  # noqa: E731
-    return Chunk(chunk.source, chunk.kind, chunk.records[:n], cut(chunk.int_scores), cut(chunk.scores))
+    return Chunk(chunk.source, chunk.kind, cut(chunk.records), cut(chunk.int_scores), cut(chunk.scores))
 
 
 def _jsonl_chunks(index: int, source: Source, opts: ReadOptions) -> Iterator[Chunk]:

@@ -187,7 +187,7 @@ class FlashAttentionLSE(torch.autograd.Function):
         if out_shifted is not None:
             dq, dk, dv = _flash_bwd(dout, q, k, v, out_shifted, lse, ctx.scale, ctx.mask, ctx.extras)
             return dq, dk, dv, None, None
-        return (*_augmented_bwd(ctx, dout, dlse, q, k, v, out, lse), None, None)
+        return (*_augmented_bwd(dout, dlse, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras), None, None)
 
 
 # rows whose |dO|^2 is below this cannot carry dLSE through a shifted O (see _shift_out)
@@ -213,7 +213,7 @@ def _shift_out(out, dout, dlse):
     return out.to(acc).addcmul(coef[..., None], d, value=-1.0).to(out.dtype)
 
 
-def _augmented_bwd(ctx, dout, dlse, q, k, v, out, lse):
+def _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, extras):
     """The kernel backward at head dim hd + 1: v' = [v, 1], dO' = [dO, dLSE], q', k', O' padded
     with 0, which adds dLSE to dP and leaves D unchanged. Exact for every row, incl. dO = 0."""
     B, nkv, T, hd = k.shape
@@ -223,7 +223,7 @@ def _augmented_bwd(ctx, dout, dlse, q, k, v, out, lse):
     v_aug = _augment(v, torch.ones_like(lse), pad)  # v' = [v, 1, 0...]
     dout_aug = _augment(dout, dlse, pad)  # dO' = [dO, dLSE, 0...]
     q_aug, k_aug, out_aug = _augment(q, None, pad), _augment(k, None, pad), _augment(out, None, pad)
-    dq, dk, dv = _flash_bwd(dout_aug, q_aug, k_aug, v_aug, out_aug, lse, ctx.scale, ctx.mask, ctx.extras)
+    dq, dk, dv = _flash_bwd(dout_aug, q_aug, k_aug, v_aug, out_aug, lse, scale, mask, extras)
     dk, dv = (g[..., :hd].reshape(B, nkv, n_rep, T, hd).sum(2) for g in (dk, dv))  # back to kv heads
     return dq[..., :hd], dk, dv
 

@@ -174,12 +174,12 @@ class Trainer:
                                             self.dims.dp))
 
     def _measure_importance(self, on: bool) -> bool:
-        """Compute head importance in this step's forward? Always with the aux loss (it needs
-        it); without, vanilla gates are pure measurement (~1 % of a step): only on log steps.
-        Returns the previous setting."""
+        """Compute head importance in this step's forward? Without the aux loss vanilla gates
+        are pure measurement (~1 % of a step): only on log steps (with it, the model computes
+        them regardless). Returns the previous setting."""
         before = getattr(self.model, "measure_importance", True)
         if hasattr(self.model, "measure_importance"):
-            self.model.measure_importance = on or self.cfg.aux_loss.coef > 0
+            self.model.measure_importance = on
         return before
 
     @torch.no_grad()
