@@ -233,8 +233,8 @@ def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
     copies alone); the gradients of both checked against the eager reference."""
     import torch
 
-    from megasink.model.kernels import (SeqInfo, _augment, _augmented_bwd, _flash_bwd, _flash_fwd, _repeat_kv,
-                                        _shift_out, eager_attention)
+    from megasink.model.kernels import (SeqInfo, _augment, _augmented_bwd, _flash_bwd, _repeat_kv, _shift_out,
+                                        eager_attention, flash_forward)
 
     g = torch.Generator().manual_seed(0)
     H, hd, T = m.n_heads, m.head_dim, m.seq_len
@@ -245,7 +245,7 @@ def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
     seq = SeqInfo.build(tokens, doc)
     mask = seq.additive_mask(q.dtype) if docs else None
     scale = hd ** -0.5
-    out, lse, ex = _flash_fwd(q, k, v, scale, mask)
+    out, lse, ex = flash_forward(q, k, v, scale, mask)
     dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
 
     def copies():
@@ -341,7 +341,7 @@ def print_aux(rows, target_pct):
                       pct(r["n_layers"] * (r["split"]["shifted_s"] - r["split"]["plain_s"]) / r["off_s"])]
                      for r in split]))
         print("\nshifted-out: megasink's backward with an lse gradient (kernels._shift_out: the kernel's own "
-              "backward with out' = O - (dLSE / |dO|^2) dO, so D' = rowsum(dO out') = D - dLSE); augmented: its "
+              "backward with out'[:, 0] = O[:, 0] - dLSE / dO[:, 0], so D' = rowsum(dO out') = D - dLSE); augmented: its "
               "fallback for rows with dLSE but no dO (5 padded copies, kernel at hd + 1); "
               "err: max relative error of dq, dk, dv against the eager reference.")
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import build_seeded, packed_doc_ids, small_model_cfg
+from megasink.model import cpu_fused
 from megasink.model.kernels import SeqInfo
 from megasink.model.layers import apply_rope
 
@@ -58,6 +59,8 @@ def test_gates_match_explicit_probabilities(variant, backend):
         assert gate[:, :, [0, 11, 30]].abs().max() < 1e-6
     assert (ref_y - y).abs().max() < 1e-5
     assert gate.std() > 1e-3  # the check is not vacuous
+    y2, gate2 = attn(x, cos, sin, seq, backend)  # with a graph: flash runs the fused FlashVanilla op
+    assert (gate2 - ref_gate).abs().max() < 1e-5 and (y2 - ref_y).abs().max() < 1e-5
 
 
 def _loss_grads(model, tokens, doc, backend):
@@ -286,3 +289,71 @@ def test_rmsnorm_and_rope_functions_equal_autograd_fp64():
     assert torch.allclose(got, ref, rtol=1e-13, atol=1e-15)
     assert torch.allclose(torch.autograd.grad((ref * r).sum(), x)[0], torch.autograd.grad((got * r).sum(), x)[0],
                           rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.skipif(not cpu_fused.enabled, reason="numba is not installed (requirements.txt installs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("docs", [False, True])
+def test_cpu_fused_loops_equal_torch_ops(monkeypatch, dtype, docs):
+    """The numba loops (vanilla gate logits, their q/k gradient, the in-place shift of O) give
+    what the PyTorch ops give, in the token-major layout the model uses and in others."""
+    from megasink.model import attention, kernels
+
+    torch.manual_seed(0)
+    B, nh, nkv, T, hd = 2, 4, 2, 24, 8
+    q = torch.randn(B, T, nh, hd, dtype=dtype).transpose(1, 2)  # token-major views, as in the model
+    k = torch.randn(B, T, nkv, hd, dtype=dtype).transpose(1, 2)
+    lse = torch.randn(B, nh, T, dtype=dtype) + 3
+    first = SeqInfo.build(torch.zeros(B, T, dtype=torch.long), packed_doc_ids(B, T, (7, 9)) if docs else None).first_idx
+    first = first if docs else None
+    w = torch.randn(B, nh, T, dtype=dtype) * (torch.rand(B, nh, T) > 0.2)  # some rows without gradient
+    dq0, dk0 = torch.randn(B, nh, T, hd, dtype=dtype), torch.randn(B, nkv, T, hd, dtype=dtype)  # head-major
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(cpu_fused, "enabled", fused)
+        x = attention._log_first_weight(q, k, lse, first, 0.3)
+        dq, dk = dq0.clone(), dk0.clone()
+        attention.add_first_key_grads_(dq, dk, q, k, w, first)
+        results[fused] = (x, dq, dk)
+    for name, a, b in zip(("logits", "dq", "dk"), results[True], results[False]):
+        assert (a - b).abs().max() <= tol * b.abs().max(), name
+    monkeypatch.setattr(cpu_fused, "enabled", True)
+    out, dout = torch.randn(B, T, nh, hd, dtype=dtype).transpose(1, 2), torch.randn(B, nh, T, hd, dtype=dtype)
+    dlse = torch.randn(B, nh, T, dtype=dtype) * (torch.rand(B, nh, T) > 0.3)
+    before = out.clone()
+    column = cpu_fused.shift_first_column_(out, dout, dlse)
+    assert torch.equal(out, kernels._shift_out(before, dout, dlse))  # the same shift as the PyTorch code
+    cpu_fused.restore_first_column_(out, column)
+    assert torch.equal(out, before) and not torch.equal(column, torch.zeros_like(column))
+    dout[1, 2, 5, 0] = 0.0  # a row that cannot carry its dLSE: refused, out untouched
+    dlse[1, 2, 5] = 1.0
+    assert cpu_fused.shift_first_column_(out, dout, dlse) is None and torch.equal(out, before)
+
+
+@pytest.mark.parametrize("cannot_shift", [False, True])
+def test_flash_backward_leaves_out_as_it_was(cannot_shift):
+    """The lse gradient shifts O in place for the kernel's backward: afterwards O is bitwise
+    what the forward returned, so a second backward (retain_graph) gives the same gradients,
+    also when a row with dLSE but no output gradient sends it to the augmented fallback."""
+    from megasink.model.kernels import attention_with_lse
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 32, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 32, 8, requires_grad=True) for _ in range(2))
+    seq = SeqInfo.build(torch.zeros(2, 32, dtype=torch.long), packed_doc_ids(2, 32, (11,)))
+    out, lse = attention_with_lse(q, k, v, backend="flash", seq=seq)
+    kept = out.detach().clone()
+    r = torch.randn(out.shape)
+    if cannot_shift:
+        r[0, 1, 3] = 0.0
+    loss = (out * r).sum() + lse.pow(2).sum()
+    first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+    assert torch.equal(out.detach(), kept)
+    second = torch.autograd.grad(loss, (q, k, v))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    out_ref, lse_ref = attention_with_lse(q, k, v, backend="eager", seq=seq)
+    ref = torch.autograd.grad((out_ref * r).sum() + lse_ref.pow(2).sum(), (q, k, v))
+    for a, b in zip(first, ref):
+        assert (a - b).norm() <= 1e-5 * b.norm()

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from megasink.config import ATTENTION_VARIANTS, ModelConfig
-from megasink.model.kernels import SeqInfo, acc_dtype, attention_with_lse
+from megasink.model import cpu_fused
+from megasink.model.kernels import SeqInfo, acc_dtype, attention_with_lse, flash_backward, flash_forward, flash_inputs
 from megasink.model.layers import apply_rope
 
 
@@ -28,72 +29,57 @@ def vanilla_gate(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, seq: SeqIn
     first_idx = None if seq.doc_ids is None else seq.first_idx
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or lse.requires_grad):
         return VanillaGate.apply(q, k, lse, first_idx, scale)
-    return -torch.expm1(_log_first_weight(q, k, lse, first_idx, scale)[0])  # measured only
+    return -torch.expm1(_log_first_weight(q, k, lse, first_idx, scale))  # measured only
 
 
 def _log_first_weight(q, k, lse, first_idx, scale):
-    """(s0 - lse (B, nh, T), k0): the log of each token's weight on its document's first key.
-
-    k0 is (B, nkv, 1, hd) for one document per row, else token-major (B, T, nkv, hd): the
-    layout q, k and v have as views of their projections, in which picking each token's
-    first key is a row copy (index_select) and q . k0 a contiguous product."""
+    """s0 - lse (B, nh, T) in lse's dtype: the log of each token's weight on its document's
+    first key, s0 = q[t] . k[first(t)] * scale; ``first_idx`` None: one document per row.
+    A fused loop on the CPU (cpu_fused), else PyTorch ops: a batched matrix-vector product
+    for one document per row, else token-major (the layout q, k, v have as views of their
+    projections), where picking each token's first key is a row copy."""
+    if cpu_fused.usable(q, k, lse):
+        return cpu_fused.log_first_weight(q, k, lse, first_idx, scale)
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     acc = lse.dtype
-    if first_idx is None:  # one key per row: a batched matrix-vector product
-        k0 = k[:, :, :1]
-        s0 = torch.einsum("bngtd,bnd->bngt", q.view(B, nkv, nh // nkv, T, hd).to(acc), k0[:, :, 0].to(acc))
-        s0 = s0.reshape(B, nh, T)
+    if first_idx is None:
+        s0 = torch.einsum("bngtd,bnd->bngt", q.unflatten(1, (nkv, nh // nkv)).to(acc), k[:, :, 0].to(acc))
+        return s0.reshape(B, nh, T) * scale - lse
+    k0 = _first_keys(k, first_idx)  # (B, T, nkv, hd)
+    qt = q.transpose(1, 2).unflatten(2, (nkv, nh // nkv))  # (B, T, nkv, g, hd)
+    s0 = (qt.to(acc) * k0[:, :, :, None].to(acc)).sum(-1).flatten(2).transpose(1, 2)
+    return s0 * scale - lse
+
+
+def add_first_key_grads_(dq, dk, q, k, w, first_idx) -> None:
+    """In place, the gradient of s0[t] = q[t] . k[first(t)] * scale given w = dL/ds0 * scale
+    (B, nh, T): dq[t] += w[t] k[first(t)], dk[first(t)] += sum over t's query-head group of
+    w[t] q[t]. dq, dk any strides (the kernel's gradients, or zeros). Fused on the CPU; in
+    PyTorch ops kv heads broadcast over their query-head group, token-major, and dk by
+    index_add of rows (autograd of the plain expression repeats k to every query head and
+    scatters along a strided dim: ~10 full-size passes)."""
+    w = w.to(q.dtype)
+    if cpu_fused.usable(q, k, dq, dk):
+        cpu_fused.add_first_key_grads_(dq, dk, q, k, w, first_idx)
+        return
+    B, nh, T, hd = q.shape
+    nkv = dk.shape[1]
+    g = nh // nkv
+    if first_idx is None:
+        w = w.view(B, nkv, g, T, 1)
+        dq.unflatten(1, (nkv, g)).addcmul_(w, k[:, :, None, :1])
+        dk[:, :, 0] += (w * q.unflatten(1, (nkv, g))).sum((2, 3))
+        return
+    k0 = _first_keys(k, first_idx)  # (B, T, nkv, hd)
+    wt = w.transpose(1, 2).contiguous().view(B, T, nkv, g, 1)  # token-major, as q, k0
+    dq.transpose(1, 2).unflatten(2, (nkv, g)).addcmul_(wt, k0[:, :, :, None])
+    dk0 = (wt * q.transpose(1, 2).unflatten(2, (nkv, g))).sum(3)  # (B, T, nkv, hd)
+    rows = dk.transpose(1, 2)  # every token's term onto its document's first key
+    if rows.is_contiguous():
+        rows.view(B * T, -1).index_add_(0, _flat_first(first_idx), dk0.view(B * T, -1))
     else:
-        k0 = _first_keys(k, first_idx)  # (B, T, nkv, hd)
-        qt = q.transpose(1, 2).reshape(B, T, nkv, nh // nkv, hd)
-        s0 = (qt.to(acc) * k0[:, :, :, None].to(acc)).sum(-1).view(B, T, nh).transpose(1, 2)
-    return s0 * scale - lse, k0
-
-
-class VanillaGate(torch.autograd.Function):
-    """G = -expm1(s0 - lse), s0[t] = q[t] . k[first(t)] * scale, with a hand-written backward.
-
-    Autograd of the plain expression repeats k0 to every query head and gathers/scatters
-    along a strided dim (~10 full-size passes, 0.8 ms each for gather and scatter_add at
-    1x8x512x64); here the kv heads broadcast over their query-head group, in token-major
-    layout, and the backward is dq = ds0 * k0, dk[first] += sum over the group and the
-    document of ds0 * q (index_add of rows), dlse = -ds0, with
-    ds0 = -dG * exp(s0 - lse) * scale. ``first_idx`` None: one document per row, k0 = k[:, :, 0].
-    Checked against autograd of the plain expression and eager attention."""
-
-    @staticmethod
-    def forward(ctx, q, k, lse, first_idx, scale):
-        x, k0 = _log_first_weight(q, k, lse, first_idx, scale)
-        ctx.save_for_backward(q, k0, torch.exp(x))
-        ctx.scale, ctx.first_idx, ctx.k_shape = scale, first_idx, k.shape
-        return -torch.expm1(x)  # exact also for gates near 0
-
-    @staticmethod
-    def backward(ctx, dgate):
-        q, k0, p0 = ctx.saved_tensors
-        B, nh, T, hd = q.shape
-        nkv = ctx.k_shape[1]
-        g = nh // nkv
-        dlse = dgate * p0  # dG/dlse = p0 = -dG/ds0
-        w = (dlse * -ctx.scale).to(q.dtype)  # dL/ds0 * scale, (B, nh, T)
-        dq = dk = None
-        if ctx.first_idx is None:
-            w = w.view(B, nkv, g, T, 1)
-            if ctx.needs_input_grad[0]:
-                dq = (w * k0[:, :, None]).reshape(B, nh, T, hd)
-            if ctx.needs_input_grad[1]:
-                dk = q.new_zeros(ctx.k_shape)
-                dk[:, :, 0] = (w * q.view(B, nkv, g, T, hd)).sum((2, 3))
-            return dq, dk, dlse, None, None
-        wt = w.transpose(1, 2).reshape(B, T, nkv, g, 1)
-        if ctx.needs_input_grad[0]:
-            dq = (wt * k0[:, :, :, None]).view(B, T, nh, hd).transpose(1, 2)  # q's own layout
-        if ctx.needs_input_grad[1]:
-            dk0 = (wt * q.transpose(1, 2).reshape(B, T, nkv, g, hd)).sum(3)  # (B, T, nkv, hd)
-            dk = q.new_zeros(B * T, nkv * hd).index_add_(0, _flat_first(ctx.first_idx), dk0.view(B * T, -1))
-            dk = dk.view(B, T, nkv, hd).transpose(1, 2)  # every token's term on its document's first key
-        return dq, dk, dlse, None, None
+        rows.index_put_((torch.arange(B, device=q.device)[:, None], first_idx), dk0, accumulate=True)
 
 
 def _flat_first(first_idx: torch.Tensor) -> torch.Tensor:
@@ -107,6 +93,64 @@ def _first_keys(k: torch.Tensor, first_idx: torch.Tensor) -> torch.Tensor:
     B, nkv, T, hd = k.shape
     rows = k.transpose(1, 2).reshape(B * T, nkv * hd)  # a view when k is a projection's view
     return rows.index_select(0, _flat_first(first_idx)).view(B, T, nkv, hd)
+
+
+class VanillaGate(torch.autograd.Function):
+    """G = -expm1(s0 - lse), s0[t] = q[t] . k[first(t)] * scale, with a hand-written backward,
+    for kernels whose lse is an autograd output (eager, flex; the flash backend fuses it:
+    ``FlashVanilla``): ds0 = -dG * exp(s0 - lse), dlse = -ds0, dq and dk by
+    ``add_first_key_grads_``. ``first_idx`` None: one document per row.
+    Checked against autograd of the plain expression and eager attention."""
+
+    @staticmethod
+    def forward(ctx, q, k, lse, first_idx, scale):
+        x = _log_first_weight(q, k, lse, first_idx, scale)
+        ctx.save_for_backward(q, k, torch.exp(x))
+        ctx.scale, ctx.first_idx = scale, first_idx
+        return -torch.expm1(x)  # exact also for gates near 0
+
+    @staticmethod
+    def backward(ctx, dgate):
+        q, k, p0 = ctx.saved_tensors
+        dlse = dgate * p0  # dG/dlse = p0 = -dG/ds0
+        dq = torch.zeros_like(q)  # q's strides
+        B, nkv, T, hd = k.shape
+        dk = q.new_zeros(B, T, nkv, hd).transpose(1, 2)  # token-major: rows for index_add_
+        add_first_key_grads_(dq, dk, q, k, dlse * -ctx.scale, ctx.first_idx)
+        return dq, dk, dlse, None, None
+
+
+class FlashVanilla(torch.autograd.Function):
+    """The fused flash kernel and the vanilla gate as one op: (q, k, v) -> (out, G).
+
+    Same forward as ``FlashAttentionLSE`` + ``VanillaGate``; the backward takes dO and dG,
+    sends dLSE = dG * p0 into the kernel's backward (``kernels.flash_backward``: the shifted O)
+    and adds the gate's q . k0 gradient in place to the kernel's fresh dq and dk, so the aux
+    loss costs no zero-filled buffers, gradient sums or autograd nodes of its own."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask, first_idx):
+        ctx.set_materialize_grads(False)
+        out, lse, extras = flash_forward(q, k, v, scale, mask)
+        x = _log_first_weight(q, k, lse, first_idx, scale)
+        ctx.save_for_backward(q, k, v, out, lse, torch.exp(x))
+        ctx.scale, ctx.mask, ctx.extras, ctx.first_idx = scale, mask, extras, first_idx
+        return out, torch.expm1(x).neg_()  # G = 1 - exp(x), exact also for gates near 0
+
+    @staticmethod
+    def backward(ctx, dout, dgate):
+        q, k, v, out, lse, p0 = ctx.saved_tensors
+        dlse = None if dgate is None else dgate * p0
+        dq, dk, dv = flash_backward(dout, dlse, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras)
+        if dlse is not None:
+            add_first_key_grads_(dq, dk, q, k, dlse * -ctx.scale, ctx.first_idx)
+        return dq, dk, dv, None, None, None
+
+
+def flash_vanilla_attention(q, k, v, scale: float, seq: SeqInfo):
+    """(out (B, nh, T, hd), G (B, nh, T) fp32): flash attention and its differentiable vanilla gate."""
+    q, k, v, mask = flash_inputs(q, k, v, seq)
+    return FlashVanilla.apply(q, k, v, scale, mask, None if seq.doc_ids is None else seq.first_idx)
 
 
 def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -155,19 +199,27 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
-        out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
         if self.variant == "vanilla":
-            with_grad = torch.is_grad_enabled() and self.gate_needs_grad
-            if with_grad or self.measure_gate:
-                with torch.set_grad_enabled(with_grad):
-                    gate = vanilla_gate(q, k, lse, seq, self.scale)  # only measured unless the aux loss is on
-            else:
-                gate = None  # not measured this step: the caller reads no importance
-        elif self.variant == "sink":
+            out, gate = self._vanilla(q, k, v, seq, backend)
+        else:
+            out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
+        if self.variant == "sink":
             gate = sink_gate(lse, self.sinks)
             out = out * gate[..., None].to(out.dtype)
-        else:
+        elif self.variant == "gated":
             gate = headwise_gate(gate_logits, self.gate_bias)
             out = out * gate[..., None].to(out.dtype)
         y = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
         return self.wo(y), gate
+
+    def _vanilla(self, q, k, v, seq: SeqInfo, backend: str):
+        """(out, gate): the gate differentiable when the aux loss is on, measured without a graph
+        when only read, None when nobody reads it."""
+        with_grad = torch.is_grad_enabled() and self.gate_needs_grad
+        if with_grad and backend == "flash":  # the gate's gradient fused into the kernel's backward
+            return flash_vanilla_attention(q, k, v, self.scale, seq)
+        out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
+        if not (with_grad or self.measure_gate):
+            return out, None  # not measured this step: the caller reads no importance
+        with torch.set_grad_enabled(with_grad):
+            return out, vanilla_gate(q, k, lse, seq, self.scale)

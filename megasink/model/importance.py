@@ -30,8 +30,11 @@ def token_weights(seq: SeqInfo, variant: str) -> torch.Tensor:
 
 
 def gate_sum(gate: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """gate (B, nh, T), weights (B, T) -> (nh,) sum of the gate over counted tokens."""
-    return torch.einsum("bht,bt->h", gate, weights.to(gate.dtype))
+    """gate (B, nh, T), weights (B, T) -> (nh,) sum of the gate over counted tokens: one
+    matrix-vector product over the token-major (B * T, nh) layout the kernels return (a view;
+    a copy for other layouts), whose backward is one outer product (an einsum's: ~3x slower)."""
+    B, nh, T = gate.shape
+    return torch.mv(gate.transpose(1, 2).reshape(B * T, nh).t(), weights.reshape(-1).to(gate.dtype))
 
 
 def importance(gate_sums: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

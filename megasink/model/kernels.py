@@ -9,9 +9,10 @@ the attention backward must use dS = P * (dP - D + dLSE). Backends:
 
 - ``eager``: explicit softmax, autograd does it all. The reference; O(T^2) memory.
 - ``flash``: a fused flash kernel forward (PyTorch's SDPA flash op on CPU/CUDA) and its own
-  backward with ``out`` shifted, O' = O - (dLSE / |dO|^2) dO per row, so that the kernel's
-  D = rowsum(dO * O') becomes D - dLSE and its dS = P (dP - D + dLSE) (``_shift_out``).
-  Rows with dO = 0 but dLSE != 0 cannot be shifted; then the *augmented-value backward*
+  backward with ``out`` shifted in one column, O'[:, 0] = O[:, 0] - dLSE / dO[:, 0] per row, so
+  that the kernel's D = rowsum(dO * O') becomes D - dLSE and its dS = P (dP - D + dLSE)
+  (``_shift_out``; on the CPU in place in one loop, ``cpu_fused``, and undone after). Rows
+  with dO[:, 0] = 0 but dLSE != 0 cannot be shifted; then the *augmented-value backward*
   runs: the kernel at head dim hd + 1 with v' = [v, 1], dO' = [dO, dLSE], zeros elsewhere.
   With no lse gradient the plain kernel backward runs.
 - ``flex``: FlexAttention with a block mask and ``AuxRequest(lse=True)``; its backward
@@ -27,6 +28,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from megasink.model import cpu_fused
 
 BACKENDS = ("auto", "eager", "flex", "sdpa", "flash")
 
@@ -122,7 +125,7 @@ def eager_attention(q, k, v, scale: float, seq: SeqInfo):
 # ----------------------------------------------------------------------------- flash
 
 
-def _flash_fwd(q, k, v, scale, mask):
+def flash_forward(q, k, v, scale, mask):
     """Fused forward -> (out, lse, extras for the backward)."""
     is_causal = mask is None
     if q.device.type == "cpu":
@@ -168,7 +171,7 @@ class FlashAttentionLSE(torch.autograd.Function):
         # an lse that nothing depends on must arrive as None in the backward, not as zeros,
         # so the plain kernel backward is taken (found by benchmarks/aux_overhead.py)
         ctx.set_materialize_grads(False)
-        out, lse, extras = _flash_fwd(q, k, v, scale, mask)
+        out, lse, extras = flash_forward(q, k, v, scale, mask)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.mask, ctx.extras = scale, mask, extras
         return out, lse
@@ -176,41 +179,54 @@ class FlashAttentionLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        elif dout.device.type != "cpu":
-            dout = dout.contiguous()
-        if dlse is None:  # nothing depends on lse: the kernel's own backward is exact
-            dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras)
-            return dq, dk, dv, None, None
-        out_shifted = _shift_out(out, dout, dlse)
-        if out_shifted is not None:
-            dq, dk, dv = _flash_bwd(dout, q, k, v, out_shifted, lse, ctx.scale, ctx.mask, ctx.extras)
-            return dq, dk, dv, None, None
-        return (*_augmented_bwd(dout, dlse, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras), None, None)
+        dq, dk, dv = flash_backward(dout, dlse, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras)
+        return dq, dk, dv, None, None
 
 
-# rows whose |dO|^2 is below this cannot carry dLSE through a shifted O (see _shift_out)
-_MIN_DOUT_SQ = 1e-30
+def flash_backward(dout, dlse, q, k, v, out, lse, scale, mask, extras):
+    """(dq, dk, dv) of the fused kernel for output and lse gradients, either of them None.
+
+    No lse gradient: the kernel's own backward. With one: the same backward with O shifted
+    (``_shift_out``), or, for rows it cannot shift, the augmented-value backward."""
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.device.type != "cpu":
+        dout = dout.contiguous()
+    if dlse is None:  # nothing depends on lse: the kernel's own backward is exact
+        return _flash_bwd(dout, q, k, v, out, lse, scale, mask, extras)
+    if cpu_fused.usable(out, dout):  # the same shift, in place and undone right after
+        column = cpu_fused.shift_first_column_(out, dout, dlse)
+        if column is None:
+            return _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, extras)
+        try:
+            return _flash_bwd(dout, q, k, v, out, lse, scale, mask, extras)
+        finally:
+            cpu_fused.restore_first_column_(out, column)
+    out_shifted = _shift_out(out, dout, dlse)
+    if out_shifted is not None:
+        return _flash_bwd(dout, q, k, v, out_shifted, lse, scale, mask, extras)
+    return _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, extras)
 
 
 def _shift_out(out, dout, dlse):
-    """O' = O - (dLSE / |dO|^2) dO per row, or None when some row has dO ~ 0 but dLSE != 0.
+    """O with its first column shifted per row, O'[:, 0] = O[:, 0] - dLSE / dO[:, 0], or None
+    when a row with dLSE != 0 has dO[:, 0] = 0 (or a shift too large for out's dtype).
 
     Flash backward kernels read ``out`` only through D = rowsum(dO * O) and compute
     dS = P (dP - D). With O' in its place D' = D - dLSE, so the kernel's own backward yields
     dS = P (dP - D + dLSE): the lse gradient, exactly, at the kernel's head dim, for any
-    number of kv heads, with one reduction and one fused multiply-add of extra work. The
-    rounding matches the augmented column's: D' carries dLSE to the relative precision of
-    ``out``'s dtype."""
+    number of kv heads, for the price of one copy of O. Rounding: the shifted product
+    dO0 * O'0 = dO0 * O0 - dLSE is exact up to O'0's rounding, |error| <= eps (|dO0 O0| + |dLSE|)
+    in out's dtype, as for the augmented column, however small dO0 is."""
     acc = acc_dtype(out.dtype)
-    d = dout.to(acc)
-    nrm = (d * d).sum(-1)  # (B, nh, T)
-    dlse = dlse.to(acc)
-    if bool(((nrm < _MIN_DOUT_SQ) & (dlse != 0)).any()):
+    delta = dlse.to(acc) / dout[..., 0].to(acc)  # (B, nh, T); the column read is strided: once
+    delta.masked_fill_(dlse == 0, 0.0)  # rows without dLSE stay as they are (also at dO0 = 0: 0 / 0)
+    # |O'0| must stay finite in out's dtype: no row with dLSE != 0 at dO0 = 0 (inf), no NaN
+    if not bool(delta.abs().max() <= torch.finfo(out.dtype).max / 4):
         return None
-    coef = dlse / nrm.clamp_min(_MIN_DOUT_SQ)  # rows with dO = 0 have dLSE = 0 here: coef 0
-    return out.to(acc).addcmul(coef[..., None], d, value=-1.0).to(out.dtype)
+    shifted = out.clone()  # same strides as out
+    shifted[..., 0].sub_(delta)
+    return shifted
 
 
 def _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, extras):
@@ -228,15 +244,23 @@ def _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, extras):
     return dq[..., :hd], dk, dv
 
 
-def flash_attention(q, k, v, scale: float, seq: SeqInfo):
-    # The CPU op takes fewer kv heads (GQA) and q, k, v as strided views of the (B, T, n, hd)
-    # projections (bitwise the same results; its out and grads come back in that layout, so
-    # the transpose back to (B, T, nh * hd) is free as well).
+def flash_inputs(q, k, v, seq: SeqInfo):
+    """(q, k, v, mask) as the fused kernel takes them.
+
+    The CPU op takes fewer kv heads (GQA) and q, k, v as strided views of the (B, T, n, hd)
+    projections (bitwise the same results; its out and grads come back in that layout, so
+    the transpose back to (B, T, nh * hd) is free as well). CUDA kernels want them contiguous
+    with one kv head per query head."""
     if q.device.type != "cpu":
         n_rep = q.shape[1] // k.shape[1]
         k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     mask = seq.additive_mask(q.dtype) if seq.doc_ids is not None else None
+    return q, k, v, mask
+
+
+def flash_attention(q, k, v, scale: float, seq: SeqInfo):
+    q, k, v, mask = flash_inputs(q, k, v, seq)
     return FlashAttentionLSE.apply(q, k, v, scale, mask)
 
 
