@@ -27,8 +27,8 @@ What it measures, in one run, on one process:
 
    For the diagnosis it also times (low noise, one layer's shapes) the flash backward
    plain (no lse gradient), with the lse gradient as megasink runs it (the kernel's own
-   backward with a shifted O, kernels._shift_out) and as the augmented-value fallback
-   (and its padded copies alone), both checked against the eager reference.
+   backward with O shifted in one column, kernels.flash_backward) and as the augmented-value
+   fallback (and its padded copies alone), both checked against the eager reference.
 
 2. Flash vs eager. fwd+bwd (no optimizer) of the tiny model with the aux loss on, at
    sequence lengths 256, 512, 1024 with the same tokens per batch, ``flash`` against
@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="tiny,50m", help="comma-separated subset of tiny,50m")
     p.add_argument("--reps-tiny", type=int, default=16, help="timed rounds for the tiny model")
     p.add_argument("--reps-50m", type=int, default=6, help="timed rounds for the ~50M model")
-    p.add_argument("--reps-attr", type=int, default=25, help="timed rounds for the attribution parts")
+    p.add_argument("--reps-attr", type=int, default=100, help="timed rounds for the attribution parts "
+                   "(each ~50-100 ms; the median of paired differences needs ~100 to resolve 0.3 ms here)")
     p.add_argument("--reps-flash", type=int, default=6, help="timed rounds for flash vs eager")
     p.add_argument("--skip-aux", action="store_true", help="skip part 1 (aux overhead)")
     p.add_argument("--skip-flash", action="store_true", help="skip part 2 (flash vs eager)")
@@ -165,7 +166,7 @@ def attention_cases(m, B: int, docs: bool) -> dict:
     import torch
 
     from megasink.model.attention import Attention
-    from megasink.model.importance import gate_sum, token_weights
+    from megasink.model.importance import token_weights
     from megasink.model.kernels import SeqInfo
     from megasink.model.layers import RotaryEmbedding
 
@@ -182,10 +183,10 @@ def attention_cases(m, B: int, docs: bool) -> dict:
     def case(with_aux: bool):
         def f():
             attn.gate_needs_grad = attn.measure_gate = with_aux
-            y, gate = attn(x, cos, sin, seq, "flash")
+            y, sums = attn(x, cos, sin, seq, "flash", weights)  # (H,) gate sums, as the model
             loss = (y * dy).sum()
             if with_aux:
-                loss = loss + (gate_sum(gate, weights) * r).sum()  # (H,) sums, as the model
+                loss = loss + (sums * r).sum()
             loss.backward()
             x.grad = None
             attn.zero_grad(set_to_none=True)
@@ -228,42 +229,41 @@ def attribute(m, B: int, docs: bool, reps: int, clock: str) -> dict:
 
 
 def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
-    """For one layer's attention shapes: the flash backward plain (no lse gradient), with the
-    lse gradient as megasink runs it (shifted O) and as the augmented fallback (and its padded
-    copies alone); the gradients of both checked against the eager reference."""
+    """For one layer's attention shapes, in the model's token-major layout: the flash backward
+    plain (no lse gradient), with the lse gradient as megasink runs it (kernels.flash_backward:
+    the kernel's own backward on O shifted in one column, in place on the CPU) and as the
+    augmented-value fallback (and its padded copies alone), both checked against eager."""
     import torch
 
-    from megasink.model.kernels import (SeqInfo, _augment, _augmented_bwd, _flash_bwd, _repeat_kv, _shift_out,
-                                        eager_attention, flash_forward)
+    from megasink.model.kernels import (SeqInfo, _augment, _augmented_bwd, _flash_bwd, eager_attention,
+                                        flash_backward, flash_forward)
 
     g = torch.Generator().manual_seed(0)
-    H, hd, T = m.n_heads, m.head_dim, m.seq_len
-    q = torch.randn(B, H, T, hd, generator=g)
-    k, v = (_repeat_kv(torch.randn(B, m.kv_heads, T, hd, generator=g), H // m.kv_heads).contiguous()
-            for _ in range(2))
+    H, nkv, hd, T = m.n_heads, m.kv_heads, m.head_dim, m.seq_len
+    q = torch.randn(B, T, H, hd, generator=g).transpose(1, 2)  # (B, H, T, hd) views, as the projections give
+    k, v = (torch.randn(B, T, nkv, hd, generator=g).transpose(1, 2) for _ in range(2))
     tokens, doc, _ = make_batch(m, B, docs)
     seq = SeqInfo.build(tokens, doc)
     mask = seq.additive_mask(q.dtype) if docs else None
     scale = hd ** -0.5
     out, lse, ex = flash_forward(q, k, v, scale, mask)
-    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    dout = torch.randn(B, T, H, hd, generator=g).transpose(1, 2)
+    dlse = torch.randn(lse.shape, generator=g)
 
     def copies():
-        return (_augment(v, torch.ones_like(lse), 1), _augment(dout, dlse, 1), _augment(q, None, 1),
-                _augment(k, None, 1), _augment(out, None, 1))
+        return (_augment(v.repeat_interleave(H // nkv, 1), torch.ones_like(lse), 1), _augment(dout, dlse, 1),
+                _augment(q, None, 1), _augment(k.repeat_interleave(H // nkv, 1), None, 1), _augment(out, None, 1))
 
-    def augmented():
-        return _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, ex)
-
-    cases = {"plain": lambda: _flash_bwd(dout, q, k, v, out, lse, scale, mask, ex), "augmented": augmented,
-             "copies": copies, "shifted": lambda: _flash_bwd(dout, q, k, v, _shift_out(out, dout, dlse), lse, scale, mask, ex)}
+    cases = {"plain": lambda: _flash_bwd(dout, q, k, v, out, lse, scale, mask, ex),
+             "augmented": lambda: _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, ex),
+             "copies": copies,
+             "shifted": lambda: flash_backward(dout, dlse, q, k, v, out, lse, scale, mask, ex)}
     t = interleaved(cases, reps=reps, warmup=3, clock=clock)
-    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
     o_ref, l_ref = eager_attention(qr, kr, vr, scale, seq)
     ((o_ref * dout).sum() + (l_ref * dlse).sum()).backward()
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    errs = {name: max(rel(a, b.grad) for a, b in zip(fn(), (qr, kr, vr)))
-            for name, fn in (("augmented", augmented), ("shifted", cases["shifted"]))}
+    errs = {name: max(rel(a, b.grad) for a, b in zip(cases[name](), (qr, kr, vr))) for name in ("augmented", "shifted")}
     return {**{f"{n}_s": median(x) for n, x in t.items()}, "err_augmented": errs["augmented"],
             "err_shifted": errs["shifted"], "shape": f"{B}x{H}x{T}x{hd}"}
 
@@ -340,9 +340,10 @@ def print_aux(rows, target_pct):
                       pct(r["n_layers"] * (r["split"]["augmented_s"] - r["split"]["plain_s"]) / r["off_s"]),
                       pct(r["n_layers"] * (r["split"]["shifted_s"] - r["split"]["plain_s"]) / r["off_s"])]
                      for r in split]))
-        print("\nshifted-out: megasink's backward with an lse gradient (kernels._shift_out: the kernel's own "
-              "backward with out'[:, 0] = O[:, 0] - dLSE / dO[:, 0], so D' = rowsum(dO out') = D - dLSE); augmented: its "
-              "fallback for rows with dLSE but no dO (5 padded copies, kernel at hd + 1); "
+        print("\nshifted-out: megasink's backward with an lse gradient (kernels.flash_backward: the kernel's own "
+              "backward with out'[:, 0] = O[:, 0] - dLSE / dO[:, 0], so D' = rowsum(dO out') = D - dLSE; in place "
+              "on the CPU); augmented: its fallback for rows with dLSE but dO[:, 0] = 0 (5 padded copies, kernel "
+              "at hd + 1); "
               "err: max relative error of dq, dk, dv against the eager reference.")
 
 

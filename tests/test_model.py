@@ -5,6 +5,7 @@ import torch
 
 from conftest import build_seeded, packed_doc_ids, small_model_cfg
 from megasink.model import cpu_fused
+from megasink.model.importance import token_weights
 from megasink.model.kernels import SeqInfo
 from megasink.model.layers import apply_rope
 
@@ -59,8 +60,10 @@ def test_gates_match_explicit_probabilities(variant, backend):
         assert gate[:, :, [0, 11, 30]].abs().max() < 1e-6
     assert (ref_y - y).abs().max() < 1e-5
     assert gate.std() > 1e-3  # the check is not vacuous
-    y2, gate2 = attn(x, cos, sin, seq, backend)  # with a graph: flash runs the fused FlashVanilla op
-    assert (gate2 - ref_gate).abs().max() < 1e-5 and (y2 - ref_y).abs().max() < 1e-5
+    weights = token_weights(seq, variant)
+    y2, sums = attn(x, cos, sin, seq, backend, weights)  # with a graph (vanilla + flash: FlashVanilla)
+    ref_sums = (ref_gate * weights[:, None]).sum((0, 2))
+    assert (sums - ref_sums).abs().max() < 1e-5 * weights.sum() and (y2 - ref_y).abs().max() < 1e-5
 
 
 def _loss_grads(model, tokens, doc, backend):
@@ -71,8 +74,10 @@ def _loss_grads(model, tokens, doc, backend):
     return {n: p.grad.clone() for n, p in model.named_parameters()}, out
 
 
+@pytest.mark.parametrize("numba", [True, False], ids=["numba", "torch-ops"])
 @pytest.mark.parametrize("docs", [False, True])
-def test_flash_gradients_equal_eager(variant, docs):
+def test_flash_gradients_equal_eager(variant, docs, numba, monkeypatch):
+    monkeypatch.setattr(cpu_fused, "enabled", numba and cpu_fused.enabled)  # torch-ops: the CUDA / bf16 code
     cfg = small_model_cfg(variant)
     model = build_seeded(cfg, coef=1.0)  # large coef: the aux gradient is a visible share
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
@@ -123,7 +128,9 @@ def test_flex_forward_matches_eager_and_refuses_cpu_training():
     assert resolve_backend("auto", torch.device("cpu"), needs_lse_grad=True) == "flash"
 
 
-def test_finite_difference_whole_model_fp64(variant):
+@pytest.mark.parametrize("numba", [True, False], ids=["numba", "torch-ops"])
+def test_finite_difference_whole_model_fp64(variant, numba, monkeypatch):
+    monkeypatch.setattr(cpu_fused, "enabled", numba and cpu_fused.enabled)
     cfg = small_model_cfg(variant, seq_len=24, attention_backend="flash")
     model = build_seeded(cfg, coef=1.0, dtype=torch.float64)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
@@ -296,7 +303,8 @@ def test_rmsnorm_and_rope_functions_equal_autograd_fp64():
 @pytest.mark.parametrize("docs", [False, True])
 def test_cpu_fused_loops_equal_torch_ops(monkeypatch, dtype, docs):
     """The numba loops (vanilla gate logits, their q/k gradient, the in-place shift of O) give
-    what the PyTorch ops give, in the token-major layout the model uses and in others."""
+    what the PyTorch ops give, in the token-major layout the model uses; other layouts take the
+    PyTorch ops (also checked)."""
     from megasink.model import attention, kernels
 
     torch.manual_seed(0)
@@ -307,19 +315,24 @@ def test_cpu_fused_loops_equal_torch_ops(monkeypatch, dtype, docs):
     first = SeqInfo.build(torch.zeros(B, T, dtype=torch.long), packed_doc_ids(B, T, (7, 9)) if docs else None).first_idx
     first = first if docs else None
     w = torch.randn(B, nh, T, dtype=dtype) * (torch.rand(B, nh, T) > 0.2)  # some rows without gradient
-    dq0, dk0 = torch.randn(B, nh, T, hd, dtype=dtype), torch.randn(B, nkv, T, hd, dtype=dtype)  # head-major
+    dq0 = torch.randn(B, T, nh, hd, dtype=dtype).transpose(1, 2)
+    dk0 = torch.randn(B, T, nkv, hd, dtype=dtype).transpose(1, 2)
+    assert cpu_fused.usable(q, k, dq0, dk0) and not cpu_fused.usable(q.contiguous())  # head-major: PyTorch ops
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     results = {}
-    for fused in (True, False):
-        monkeypatch.setattr(cpu_fused, "enabled", fused)
+    for case in ("numba", "torch", "head-major"):
+        monkeypatch.setattr(cpu_fused, "enabled", case == "numba")
         x = attention._log_first_weight(q, k, lse, first, 0.3)
-        dq, dk = dq0.clone(), dk0.clone()
+        dq, dk = dq0.clone(), dk0.clone()  # clone keeps the strides
+        if case == "head-major":
+            dq, dk = dq.contiguous(), dk.contiguous()
         attention.add_first_key_grads_(dq, dk, q, k, w, first)
-        results[fused] = (x, dq, dk)
-    for name, a, b in zip(("logits", "dq", "dk"), results[True], results[False]):
-        assert (a - b).abs().max() <= tol * b.abs().max(), name
+        results[case] = (x, dq, dk)
+    for case in ("numba", "head-major"):
+        for name, a, b in zip(("logits", "dq", "dk"), results[case], results["torch"]):
+            assert (a - b).abs().max() <= tol * b.abs().max(), (case, name)
     monkeypatch.setattr(cpu_fused, "enabled", True)
-    out, dout = torch.randn(B, T, nh, hd, dtype=dtype).transpose(1, 2), torch.randn(B, nh, T, hd, dtype=dtype)
+    out, dout = (torch.randn(B, T, nh, hd, dtype=dtype).transpose(1, 2) for _ in range(2))
     dlse = torch.randn(B, nh, T, dtype=dtype) * (torch.rand(B, nh, T) > 0.3)
     before = out.clone()
     column = cpu_fused.shift_first_column_(out, dout, dlse)
@@ -329,6 +342,9 @@ def test_cpu_fused_loops_equal_torch_ops(monkeypatch, dtype, docs):
     dout[1, 2, 5, 0] = 0.0  # a row that cannot carry its dLSE: refused, out untouched
     dlse[1, 2, 5] = 1.0
     assert cpu_fused.shift_first_column_(out, dout, dlse) is None and torch.equal(out, before)
+    dlse[1, 2, 5] = float("nan")  # so is a NaN
+    assert cpu_fused.shift_first_column_(out, dout, dlse) is None and torch.equal(out, before)
+    assert kernels._shift_out(out, dout, dlse) is None
 
 
 @pytest.mark.parametrize("cannot_shift", [False, True])
@@ -357,3 +373,74 @@ def test_flash_backward_leaves_out_as_it_was(cannot_shift):
     ref = torch.autograd.grad((out_ref * r).sum() + lse_ref.pow(2).sum(), (q, k, v))
     for a, b in zip(first, ref):
         assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+@pytest.mark.parametrize("numba", [True, False], ids=["numba", "torch-ops"])
+def test_flash_vanilla_op_equals_eager(numba, monkeypatch):
+    """FlashVanilla (flash kernel + vanilla gate + weighted gate sums in one op) against eager
+    attention and the gate read off its explicit probabilities, for a loss on the output and
+    sums, the sums only (no output gradient: the augmented fallback) and the output only; O is
+    bitwise unchanged after each backward, also when the kernel backward raises, and
+    retain_graph gives the same gradients twice."""
+    from megasink.model import kernels
+    from megasink.model.attention import flash_vanilla_attention
+
+    monkeypatch.setattr(cpu_fused, "enabled", numba and cpu_fused.enabled)
+    torch.manual_seed(0)
+    B, nh, nkv, T, hd = 2, 4, 2, 32, 8
+    q = torch.randn(B, T, nh, hd).transpose(1, 2).requires_grad_()  # token-major, as in the model
+    k, v = (torch.randn(B, T, nkv, hd).transpose(1, 2).requires_grad_() for _ in range(2))
+    seq = SeqInfo.build(torch.zeros(B, T, dtype=torch.long), packed_doc_ids(B, T, (11, 20)))
+    weights = token_weights(seq, "vanilla") * torch.rand(B, T)  # any token weights
+    r_out, r_sum = torch.randn(B, nh, T, hd), torch.randn(nh)
+    out_e, lse_e = kernels.attention_with_lse(q, k, v, backend="eager", seq=seq)
+    probs = torch.exp(torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(nh // nkv, 1)) * hd ** -0.5
+                      - lse_e[..., None])
+    gate_e = 1 - torch.gather(probs, 3, seq.first_idx[:, None, :, None].expand(B, nh, T, 1))[..., 0]
+    sums_e = (gate_e * weights[:, None]).sum((0, 2))
+    losses = {"out+sums": lambda o, s: (o * r_out).sum() + (s * r_sum).sum() * 10,
+              "sums only": lambda o, s: (s * r_sum).sum(), "out only": lambda o, s: (o * r_out).sum()}
+    for name, fn in losses.items():
+        out, sums = flash_vanilla_attention(q, k, v, hd ** -0.5, seq, weights)
+        assert (sums - sums_e).abs().max() < 1e-5 * sums_e.abs().max() and (out - out_e).abs().max() < 1e-5
+        kept = out.detach().clone()
+        loss = fn(out, sums)
+        got = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+        assert torch.equal(out.detach(), kept), name
+        assert all(torch.equal(a, b) for a, b in zip(got, torch.autograd.grad(loss, (q, k, v), retain_graph=True)))
+        ref = torch.autograd.grad(fn(out_e, sums_e), (q, k, v), retain_graph=True, materialize_grads=True)
+        for a, b in zip(got, ref):
+            assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7, name
+
+    def broken(*args):
+        raise RuntimeError("kernel failed")
+
+    out, sums = flash_vanilla_attention(q, k, v, hd ** -0.5, seq, weights)
+    kept = out.detach().clone()
+    monkeypatch.setattr(kernels, "_flash_bwd", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        torch.autograd.grad(losses["out+sums"](out, sums), (q, k, v))
+    assert torch.equal(out.detach(), kept)  # the shift was undone
+
+
+def test_flash_vanilla_bf16_close_to_fp32():
+    """bf16 on the CPU takes the PyTorch code (shift in bf16, gate logits in fp32): gradients
+    within bf16 rounding of the fp32 ones."""
+    from megasink.model.attention import flash_vanilla_attention
+
+    torch.manual_seed(0)
+    B, nh, nkv, T, hd = 2, 4, 2, 32, 16
+    q32 = torch.randn(B, T, nh, hd).transpose(1, 2)
+    k32, v32 = (torch.randn(B, T, nkv, hd).transpose(1, 2) for _ in range(2))
+    seq = SeqInfo.build(torch.zeros(B, T, dtype=torch.long), packed_doc_ids(B, T, (11, 20)))
+    weights = token_weights(seq, "vanilla")
+    r_out, r_sum = torch.randn(B, nh, T, hd), torch.randn(nh)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (x.to(dtype).requires_grad_() for x in (q32, k32, v32))
+        out, sums = flash_vanilla_attention(q, k, v, hd ** -0.5, seq, weights)
+        assert sums.dtype == torch.float32
+        loss = (out.float() * r_out).sum() + (sums * r_sum).sum()
+        grads[dtype] = [g.float() for g in torch.autograd.grad(loss, (q, k, v))]
+    for a, b in zip(grads[torch.bfloat16], grads[torch.float32]):
+        assert (a - b).norm() <= 2e-2 * b.norm()

@@ -223,9 +223,17 @@ def check_added_gates(model, report: ImportReport) -> None:
     exactly the vanilla model.
     """
     variant = model.cfg.attention
-    gates_min = []
-    hooks = [layer.attention.register_forward_hook(lambda mod, inp, out: gates_min.append(out[1].min().item()))
-             for layer in model.layers.values()]
+    gates_min, inside = [], []
+
+    def per_token_gates(mod, inp, out):  # the model asks for gate sums: run the layer again for the gates
+        if not inside:
+            inside.append(True)
+            try:
+                gates_min.append(mod(*inp[:5])[1].min().item())  # no token weights: (B, nh, T) gates
+            finally:
+                inside.clear()
+
+    hooks = [layer.attention.register_forward_hook(per_token_gates) for layer in model.layers.values()]
     param = "sinks" if variant == "sink" else "gate_bias"
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(param)}
     max_change = 0.0

@@ -9,9 +9,11 @@ Every head's output is scaled by a gate G[t, h] (DESIGN.md section 1):
 - gated:   G = sigmoid(x_t . w_h + b_h), one scalar per head from extra q-projection columns,
            out = O * G.
 
-The gates are returned as (B, nh_local, T) fp32 so importance.py can turn them into
-per-head importance. Head counts are inferred from the projection shapes (reshape with -1),
-so tensor parallelism only swaps in sharded linears and sharded sink/gate parameters.
+``Attention.forward`` returns the gates, (B, nh_local, T) fp32, or given token weights their
+per-head sums, (nh_local,), what importance.py needs (vanilla with the flash backend computes
+them inside one op with the kernel: ``FlashVanilla``). Head counts are inferred from the
+projection shapes (reshape with -1), so tensor parallelism only swaps in sharded linears and
+sharded sink/gate parameters.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from torch import nn
 
 from megasink.config import ATTENTION_VARIANTS, ModelConfig
 from megasink.model import cpu_fused
-from megasink.model.kernels import SeqInfo, acc_dtype, attention_with_lse, flash_backward, flash_forward, flash_inputs
+from megasink.model.importance import gate_sum
+from megasink.model.kernels import (FactoredGrad, SeqInfo, acc_dtype, attention_with_lse, flash_backward,
+                                     flash_forward, flash_inputs)
 from megasink.model.layers import apply_rope
 
 
@@ -38,7 +42,7 @@ def _log_first_weight(q, k, lse, first_idx, scale):
     A fused loop on the CPU (cpu_fused), else PyTorch ops: a batched matrix-vector product
     for one document per row, else token-major (the layout q, k, v have as views of their
     projections), where picking each token's first key is a row copy."""
-    if cpu_fused.usable(q, k, lse):
+    if cpu_fused.usable(q, k) and lse.dtype == q.dtype:
         return cpu_fused.log_first_weight(q, k, lse, first_idx, scale)
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
@@ -58,11 +62,11 @@ def add_first_key_grads_(dq, dk, q, k, w, first_idx) -> None:
     w[t] q[t]. dq, dk any strides (the kernel's gradients, or zeros). Fused on the CPU; in
     PyTorch ops kv heads broadcast over their query-head group, token-major, and dk by
     index_add of rows (autograd of the plain expression repeats k to every query head and
-    scatters along a strided dim: ~10 full-size passes)."""
-    w = w.to(q.dtype)
+    scatters along a strided dim: ~10 full-size passes). w a tensor or a kernels.FactoredGrad."""
     if cpu_fused.usable(q, k, dq, dk):
         cpu_fused.add_first_key_grads_(dq, dk, q, k, w, first_idx)
         return
+    w = (w.dense() if isinstance(w, FactoredGrad) else w).to(q.dtype)
     B, nh, T, hd = q.shape
     nkv = dk.shape[1]
     g = nh // nkv
@@ -121,36 +125,40 @@ class VanillaGate(torch.autograd.Function):
 
 
 class FlashVanilla(torch.autograd.Function):
-    """The fused flash kernel and the vanilla gate as one op: (q, k, v) -> (out, G).
+    """The fused flash kernel and the vanilla gate's weighted sums as one op:
+    (q, k, v, token weights (B, T)) -> (out, S (nh,)), S[h] = sum over t of weight[t] G[t, h].
 
-    Same forward as ``FlashAttentionLSE`` + ``VanillaGate``; the backward takes dO and dG,
-    sends dLSE = dG * p0 into the kernel's backward (``kernels.flash_backward``: the shifted O)
-    and adds the gate's q . k0 gradient in place to the kernel's fresh dq and dk, so the aux
-    loss costs no zero-filled buffers, gradient sums or autograd nodes of its own."""
+    Same forward as ``FlashAttentionLSE`` + ``VanillaGate`` + ``importance.gate_sum``; the
+    backward takes dO and dS, so dG[t, h] = dS[h] weight[t] and dLSE = dG p0 are never formed:
+    they reach the kernel's backward (``kernels.flash_backward``, the shifted O) and the gate's
+    q . k0 gradient (added in place to the kernel's fresh dq and dk) as a ``FactoredGrad``.
+    The aux loss thus costs no zero-filled buffers, gradient sums or autograd nodes of its own."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, mask, first_idx):
+    def forward(ctx, q, k, v, scale, mask, first_idx, weights):
         ctx.set_materialize_grads(False)
         out, lse, extras = flash_forward(q, k, v, scale, mask)
         x = _log_first_weight(q, k, lse, first_idx, scale)
-        ctx.save_for_backward(q, k, v, out, lse, torch.exp(x))
+        weights = weights.to(x.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, torch.exp(x), weights)
         ctx.scale, ctx.mask, ctx.extras, ctx.first_idx = scale, mask, extras, first_idx
-        return out, torch.expm1(x).neg_()  # G = 1 - exp(x), exact also for gates near 0
+        return out, gate_sum(torch.expm1(x).neg_(), weights)  # G = 1 - exp(x), exact also for gates near 0
 
     @staticmethod
-    def backward(ctx, dout, dgate):
-        q, k, v, out, lse, p0 = ctx.saved_tensors
-        dlse = None if dgate is None else dgate * p0
+    def backward(ctx, dout, dsums):
+        q, k, v, out, lse, p0, weights = ctx.saved_tensors
+        dlse = None if dsums is None else FactoredGrad(dsums, weights, p0)  # dG/dlse = p0 = -dG/ds0
         dq, dk, dv = flash_backward(dout, dlse, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras)
         if dlse is not None:
-            add_first_key_grads_(dq, dk, q, k, dlse * -ctx.scale, ctx.first_idx)
-        return dq, dk, dv, None, None, None
+            add_first_key_grads_(dq, dk, q, k, dlse._replace(head=dsums * -ctx.scale), ctx.first_idx)
+        return dq, dk, dv, None, None, None, None
 
 
-def flash_vanilla_attention(q, k, v, scale: float, seq: SeqInfo):
-    """(out (B, nh, T, hd), G (B, nh, T) fp32): flash attention and its differentiable vanilla gate."""
+def flash_vanilla_attention(q, k, v, scale: float, seq: SeqInfo, weights: torch.Tensor):
+    """(out (B, nh, T, hd), S (nh,) fp32): flash attention and the sums of its vanilla gate over
+    tokens weighted by ``weights`` (B, T), differentiable."""
     q, k, v, mask = flash_inputs(q, k, v, seq)
-    return FlashVanilla.apply(q, k, v, scale, mask, None if seq.doc_ids is None else seq.first_idx)
+    return FlashVanilla.apply(q, k, v, scale, mask, None if seq.doc_ids is None else seq.first_idx, weights)
 
 
 def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -188,8 +196,10 @@ class Attention(nn.Module):
         if self.variant == "gated":
             self.gate_bias = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_bias_init)))
 
-    def forward(self, x, cos, sin, seq: SeqInfo, backend: str):
-        """x (B, T, d) -> (y (B, T, d), gate (B, nh_local, T) fp32, or None for an unmeasured vanilla gate)."""
+    def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights=None):
+        """x (B, T, d) -> (y (B, T, d), g): with token ``weights`` (B, T), g is each head's sum of
+        the gate over them, (nh_local,) fp32, what importance needs; without, the gate itself,
+        (B, nh_local, T) fp32. g is None for a vanilla gate nobody reads this step."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.wq(x).view(B, T, -1, self.q_cols)  # (B, T, nh, hd[+1])
@@ -200,26 +210,27 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
         if self.variant == "vanilla":
-            out, gate = self._vanilla(q, k, v, seq, backend)
+            out, g = self._vanilla(q, k, v, seq, backend, weights)
         else:
             out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
-        if self.variant == "sink":
-            gate = sink_gate(lse, self.sinks)
+            if self.variant == "sink":
+                gate = sink_gate(lse, self.sinks)
+            else:
+                gate = headwise_gate(gate_logits, self.gate_bias)
             out = out * gate[..., None].to(out.dtype)
-        elif self.variant == "gated":
-            gate = headwise_gate(gate_logits, self.gate_bias)
-            out = out * gate[..., None].to(out.dtype)
+            g = gate if weights is None else gate_sum(gate, weights)
         y = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
-        return self.wo(y), gate
+        return self.wo(y), g
 
-    def _vanilla(self, q, k, v, seq: SeqInfo, backend: str):
-        """(out, gate): the gate differentiable when the aux loss is on, measured without a graph
-        when only read, None when nobody reads it."""
+    def _vanilla(self, q, k, v, seq: SeqInfo, backend: str, weights):
+        """(out, g) as forward returns them: g differentiable when the aux loss is on, measured
+        without a graph when only read, None when nobody reads it."""
         with_grad = torch.is_grad_enabled() and self.gate_needs_grad
-        if with_grad and backend == "flash":  # the gate's gradient fused into the kernel's backward
-            return flash_vanilla_attention(q, k, v, self.scale, seq)
+        if with_grad and backend == "flash" and weights is not None:  # gate and sums fused into the kernel op
+            return flash_vanilla_attention(q, k, v, self.scale, seq, weights)
         out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
         if not (with_grad or self.measure_gate):
             return out, None  # not measured this step: the caller reads no importance
         with torch.set_grad_enabled(with_grad):
-            return out, vanilla_gate(q, k, lse, seq, self.scale)
+            gate = vanilla_gate(q, k, lse, seq, self.scale)
+            return out, gate if weights is None else gate_sum(gate, weights)

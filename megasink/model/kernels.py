@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -183,8 +183,22 @@ class FlashAttentionLSE(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+class FactoredGrad(NamedTuple):
+    """A (B, nh, T) gradient given as head (nh,) x token (B, T) x elem (B, nh, T), as the vanilla
+    gate's sums produce it (dLSE = dsum[h] * weight[t] * p0[t, h]): the CPU loops read the
+    factors, so it is never materialised there."""
+
+    head: torch.Tensor
+    token: torch.Tensor
+    elem: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.elem * (self.head[:, None] * self.token[:, None, :]).to(self.elem.dtype)
+
+
 def flash_backward(dout, dlse, q, k, v, out, lse, scale, mask, extras):
-    """(dq, dk, dv) of the fused kernel for output and lse gradients, either of them None.
+    """(dq, dk, dv) of the fused kernel for output and lse gradients, either of them None;
+    ``dlse`` a (B, nh, T) tensor or a ``FactoredGrad``.
 
     No lse gradient: the kernel's own backward. With one: the same backward with O shifted
     (``_shift_out``), or, for rows it cannot shift, the augmented-value backward."""
@@ -197,15 +211,20 @@ def flash_backward(dout, dlse, q, k, v, out, lse, scale, mask, extras):
     if cpu_fused.usable(out, dout):  # the same shift, in place and undone right after
         column = cpu_fused.shift_first_column_(out, dout, dlse)
         if column is None:
-            return _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, extras)
+            return _augmented_bwd(dout, _dense(dlse), q, k, v, out, lse, scale, mask, extras)
         try:
             return _flash_bwd(dout, q, k, v, out, lse, scale, mask, extras)
         finally:
             cpu_fused.restore_first_column_(out, column)
+    dlse = _dense(dlse)
     out_shifted = _shift_out(out, dout, dlse)
     if out_shifted is not None:
         return _flash_bwd(dout, q, k, v, out_shifted, lse, scale, mask, extras)
     return _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, extras)
+
+
+def _dense(g):
+    return g.dense() if isinstance(g, FactoredGrad) else g
 
 
 def _shift_out(out, dout, dlse):

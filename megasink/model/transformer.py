@@ -43,12 +43,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, seq: SeqInfo, backend: str):
-        """x (B, T, d) -> (x, gate (B, nh, T))."""
-        a, gate = self.attention(self.attention_norm(x), cos, sin, seq, backend)
+    def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights=None):
+        """x (B, T, d) -> (x, g): g the gate sums over token ``weights`` (nh,), or with none the
+        gates (B, nh, T); None for unmeasured vanilla gates (Attention.forward)."""
+        a, g = self.attention(self.attention_norm(x), cos, sin, seq, backend, weights)
         x = x + a
         x = x + self.feed_forward(self.ffn_norm(x))
-        return x, gate
+        return x, g
 
 
 def cross_entropy(logits2d: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -120,10 +121,10 @@ class Transformer(nn.Module):
             layer.attention.gate_needs_grad = self.aux_coef > 0  # follows aux_coef if changed later
             layer.attention.measure_gate = self.measure_importance or self.aux_coef > 0  # the aux loss reads them
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h, gate = checkpoint(layer, h, cos, sin, seq, backend, use_reentrant=False)
+                h, s = checkpoint(layer, h, cos, sin, seq, backend, weights, use_reentrant=False)
             else:
-                h, gate = layer(h, cos, sin, seq, backend)
-            sums.append(imp_lib.gate_sum(gate, weights) if gate is not None else self._unmeasured(layer, h))
+                h, s = layer(h, cos, sin, seq, backend, weights)
+            sums.append(s if s is not None else self._unmeasured(layer, h))
         return h, torch.stack(sums), weights.sum()
 
     def _unmeasured(self, layer, h: torch.Tensor) -> torch.Tensor:

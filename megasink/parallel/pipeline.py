@@ -93,12 +93,11 @@ class BlockPipe(nn.Module):
         cos, sin = self.rope(seq.positions)
         backend = resolve_backend(self.backend_name, h.device, torch.is_grad_enabled() and self.lse_grad)
         block = self.layers[str(self.index)]
-        if self.checkpointing and torch.is_grad_enabled():
-            h, gate = checkpoint(block, h, cos, sin, seq, backend, use_reentrant=False)
-        else:
-            h, gate = block(h, cos, sin, seq, backend)
         weights = imp_lib.token_weights(seq, self.variant)
-        sums = imp_lib.gate_sum(gate, weights)  # (H_local,)
+        if self.checkpointing and torch.is_grad_enabled():
+            h, sums = checkpoint(block, h, cos, sin, seq, backend, weights, use_reentrant=False)
+        else:
+            h, sums = block(h, cos, sin, seq, backend, weights)  # sums (H_local,)
         if self.ctx.mode in ("collect", "inject"):
             self.ctx.record(self.index, sums, weights.sum(), self.first)
         if self.ctx.mode == "inject" and torch.is_grad_enabled():
