@@ -49,7 +49,7 @@ Exit status: 0 when both targets hold, 1 when one is missed (``--quick``: a smok
 small shapes, targets reported but not enforced). ``--profile`` adds a torch.profiler
 comparison of on vs off (self time per op) for each case that misses the target.
 
-    python benchmarks/aux_overhead.py              # ~5 minutes on 2 cores
+    python benchmarks/aux_overhead.py              # ~12 minutes on 2 cores
     python benchmarks/aux_overhead.py --quick      # ~40 s smoke run
 """
 from __future__ import annotations

@@ -444,3 +444,30 @@ def test_flash_vanilla_bf16_close_to_fp32():
         grads[dtype] = [g.float() for g in torch.autograd.grad(loss, (q, k, v))]
     for a, b in zip(grads[torch.bfloat16], grads[torch.float32]):
         assert (a - b).norm() <= 2e-2 * b.norm()
+
+
+@pytest.mark.skipif(not cpu_fused.enabled, reason="numba is not installed (requirements.txt installs it)")
+def test_cpu_fused_falls_back_when_numba_fails(monkeypatch):
+    """No writable cache: compiled without one. numba failing altogether: a warning, and the
+    PyTorch ops from then on (training goes on)."""
+    compile_ = cpu_fused._compile
+    q = torch.randn(1, 8, 2, 4).transpose(1, 2)
+    monkeypatch.setattr(cpu_fused, "enabled", True)  # restored afterwards: later tests keep numba
+
+    def no_cache(cache):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return compile_(cache)
+
+    monkeypatch.setattr(cpu_fused, "_kernels", None)
+    monkeypatch.setattr(cpu_fused, "_compile", no_cache)
+    assert cpu_fused.usable(q) and cpu_fused._kernels is not None
+
+    def broken(cache):
+        raise ImportError("numba is broken")
+
+    monkeypatch.setattr(cpu_fused, "_kernels", None)
+    monkeypatch.setattr(cpu_fused, "_compile", broken)
+    with pytest.warns(UserWarning, match="numba loops unavailable"):
+        assert not cpu_fused.usable(q)
+    assert not cpu_fused.enabled and not cpu_fused.usable(q)

@@ -39,7 +39,10 @@ def _load():
     global enabled, _kernels
     if _kernels is None and enabled:
         try:
-            _kernels = _compile()
+            try:
+                _kernels = _compile(cache=True)
+            except RuntimeError:  # no writable cache location (read-only install): compile per process
+                _kernels = _compile(cache=False)
         except Exception as e:  # a broken numba install must not stop training: PyTorch ops instead
             enabled = False
             warnings.warn(f"megasink: numba loops unavailable ({type(e).__name__}: {e}); using PyTorch ops")
@@ -105,7 +108,7 @@ def restore_first_column_(out: torch.Tensor, saved: torch.Tensor) -> None:
     _kernels[3](_tm(out), _tm(saved))
 
 
-def _compile():
+def _compile(cache: bool):
     """The loops, compiled for fp32 and fp64 C-contiguous arrays (4x faster than
     strided ones: the hd-long inner loops vectorise)."""
     import numba
@@ -119,7 +122,7 @@ def _compile():
     # reassociation lets the hd-long dot products and updates vectorise; nothing here is
     # sensitive to the order of a 32-128 term sum beyond ordinary rounding
     fast = {"reassoc", "contract"}
-    jit = dict(cache=True, nogil=True)
+    jit = dict(cache=cache, nogil=True)
 
     @numba.njit(sigs(lambda f: (a4(f), a4(f), i2, a3(f), f, a3(f))), fastmath=fast, **jit)
     def logits(q, k, first, lse, scale, x):  # q (B, T, H, D), k (B, T, K, D), first (B, T), lse, x (B, T, H)
