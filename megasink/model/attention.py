@@ -78,12 +78,15 @@ def add_first_key_grads_(dq, dk, q, k, w, first_idx) -> None:
     k0 = _first_keys(k, first_idx)  # (B, T, nkv, hd)
     wt = w.transpose(1, 2).contiguous().view(B, T, nkv, g, 1)  # token-major, as q, k0
     dq.transpose(1, 2).unflatten(2, (nkv, g)).addcmul_(wt, k0[:, :, :, None])
-    dk0 = (wt * q.transpose(1, 2).unflatten(2, (nkv, g))).sum(3)  # (B, T, nkv, hd)
+    acc = acc_dtype(q.dtype)  # a document's terms summed in fp32 for half types, rounded once
+    dk0 = (wt.to(acc) * q.transpose(1, 2).unflatten(2, (nkv, g)).to(acc)).sum(3)  # (B, T, nkv, hd)
     rows = dk.transpose(1, 2)  # every token's term onto its document's first key
-    if rows.is_contiguous():
+    if rows.is_contiguous() and dk.dtype == acc:
         rows.view(B * T, -1).index_add_(0, _flat_first(first_idx), dk0.view(B * T, -1))
     else:
-        rows.index_put_((torch.arange(B, device=q.device)[:, None], first_idx), dk0, accumulate=True)
+        starts = torch.zeros_like(dk0).index_put_((torch.arange(B, device=q.device)[:, None], first_idx), dk0,
+                                                  accumulate=True)
+        rows += starts.to(dk.dtype)
 
 
 def _flat_first(first_idx: torch.Tensor) -> torch.Tensor:
@@ -129,10 +132,11 @@ class FlashVanilla(torch.autograd.Function):
     (q, k, v, token weights (B, T)) -> (out, S (nh,)), S[h] = sum over t of weight[t] G[t, h].
 
     Same forward as ``FlashAttentionLSE`` + ``VanillaGate`` + ``importance.gate_sum``; the
-    backward takes dO and dS, so dG[t, h] = dS[h] weight[t] and dLSE = dG p0 are never formed:
-    they reach the kernel's backward (``kernels.flash_backward``, the shifted O) and the gate's
-    q . k0 gradient (added in place to the kernel's fresh dq and dk) as a ``FactoredGrad``.
-    The aux loss thus costs no zero-filled buffers, gradient sums or autograd nodes of its own."""
+    backward takes dO and dS: dG[t, h] = dS[h] weight[t] and dLSE = dG p0 reach the kernel's
+    backward (``kernels.flash_backward``, the shifted O) and the gate's q . k0 gradient (added
+    in place to the kernel's fresh dq and dk) as a ``FactoredGrad``, which the CPU loops read
+    without forming it (the PyTorch ops, CUDA and bf16, form it). The aux loss thus costs no
+    zero-filled buffers, gradient sums or autograd nodes of its own."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, mask, first_idx, weights):
@@ -198,8 +202,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights=None):
         """x (B, T, d) -> (y (B, T, d), g): with token ``weights`` (B, T), g is each head's sum of
-        the gate over them, (nh_local,) fp32, what importance needs; without, the gate itself,
-        (B, nh_local, T) fp32. g is None for a vanilla gate nobody reads this step."""
+        the gate over them, (nh_local,), what importance needs; without, the gate itself,
+        (B, nh_local, T); both fp32 (fp64 for an fp64 model). None for a vanilla gate nobody
+        reads this step."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.wq(x).view(B, T, -1, self.q_cols)  # (B, T, nh, hd[+1])

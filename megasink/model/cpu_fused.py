@@ -94,9 +94,10 @@ def shift_first_column_(out: torch.Tensor, dout: torch.Tensor, dlse):
     dlse (B, nh, T), a tensor or a kernels.FactoredGrad.
 
     In place, through numpy, so torch's version counter of ``out`` does not move: the caller
-    runs the kernel backward on the shifted tensor and restores it bitwise right after. Safe
-    because every op that saved ``out`` consumed it, so its backward has already run when
-    this op's runs (a copy would cost a fresh 1 MB-per-layer allocation: page faults)."""
+    runs the kernel backward on the shifted tensor and restores it bitwise (try/finally) before
+    its autograd node returns. Safe because CPU autograd runs that node alone on the calling
+    thread: no other op can read ``out`` while it is shifted. (A copy would cost a fresh
+    1 MB-per-layer allocation: page faults.)"""
     B, nh, T, _ = out.shape
     saved = torch.empty(B, T, nh, dtype=out.dtype)
     limit = torch.finfo(out.dtype).max / 4

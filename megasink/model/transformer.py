@@ -45,7 +45,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights=None):
         """x (B, T, d) -> (x, g): g the gate sums over token ``weights`` (nh,), or with none the
-        gates (B, nh, T); None for unmeasured vanilla gates (Attention.forward)."""
+        gates (B, nh, T), in the accumulation dtype; None for unmeasured vanilla gates
+        (Attention.forward)."""
         a, g = self.attention(self.attention_norm(x), cos, sin, seq, backend, weights)
         x = x + a
         x = x + self.feed_forward(self.ffn_norm(x))
