@@ -23,8 +23,8 @@ from torch import nn
 from megasink.config import ATTENTION_VARIANTS, ModelConfig
 from megasink.model import cpu_fused
 from megasink.model.importance import gate_sum
-from megasink.model.kernels import (FactoredGrad, SeqInfo, acc_dtype, attention_with_lse, flash_backward,
-                                     flash_forward, flash_inputs)
+from megasink.model.kernels import (FactoredGrad, SeqInfo, acc_dtype, as_dense, attention_with_lse,
+                                     flash_backward, flash_forward, flash_inputs)
 from megasink.model.layers import apply_rope
 
 
@@ -60,13 +60,14 @@ def add_first_key_grads_(dq, dk, q, k, w, first_idx) -> None:
     """In place, the gradient of s0[t] = q[t] . k[first(t)] * scale given w = dL/ds0 * scale
     (B, nh, T): dq[t] += w[t] k[first(t)], dk[first(t)] += sum over t's query-head group of
     w[t] q[t]. dq, dk any strides (the kernel's gradients, or zeros). Fused on the CPU; in
-    PyTorch ops kv heads broadcast over their query-head group, token-major, and dk by
-    index_add of rows (autograd of the plain expression repeats k to every query head and
-    scatters along a strided dim: ~10 full-size passes). w a tensor or a kernels.FactoredGrad."""
+    PyTorch ops kv heads broadcast over their query-head group, token-major, and dk by an
+    accumulating index_put_ of rows in fp32 or wider (autograd of the plain expression repeats k
+    to every query head and scatters along a strided dim: ~10 full-size passes). w a tensor or
+    a kernels.FactoredGrad."""
     if cpu_fused.usable(q, k, dq, dk):
         cpu_fused.add_first_key_grads_(dq, dk, q, k, w, first_idx)
         return
-    w = (w.dense() if isinstance(w, FactoredGrad) else w).to(q.dtype)
+    w = as_dense(w).to(q.dtype)
     B, nh, T, hd = q.shape
     nkv = dk.shape[1]
     g = nh // nkv
@@ -80,13 +81,9 @@ def add_first_key_grads_(dq, dk, q, k, w, first_idx) -> None:
     dq.transpose(1, 2).unflatten(2, (nkv, g)).addcmul_(wt, k0[:, :, :, None])
     acc = acc_dtype(q.dtype)  # a document's terms summed in fp32 for half types, rounded once
     dk0 = (wt.to(acc) * q.transpose(1, 2).unflatten(2, (nkv, g)).to(acc)).sum(3)  # (B, T, nkv, hd)
-    rows = dk.transpose(1, 2)  # every token's term onto its document's first key
-    if rows.is_contiguous() and dk.dtype == acc:
-        rows.view(B * T, -1).index_add_(0, _flat_first(first_idx), dk0.view(B * T, -1))
-    else:
-        starts = torch.zeros_like(dk0).index_put_((torch.arange(B, device=q.device)[:, None], first_idx), dk0,
-                                                  accumulate=True)
-        rows += starts.to(dk.dtype)
+    starts = torch.zeros_like(dk0).index_put_((torch.arange(B, device=q.device)[:, None], first_idx), dk0,
+                                              accumulate=True)  # every token's term onto its document's first key
+    dk.transpose(1, 2).add_(starts.to(dk.dtype))
 
 
 def _flat_first(first_idx: torch.Tensor) -> torch.Tensor:
@@ -122,7 +119,7 @@ class VanillaGate(torch.autograd.Function):
         dlse = dgate * p0  # dG/dlse = p0 = -dG/ds0
         dq = torch.zeros_like(q)  # q's strides
         B, nkv, T, hd = k.shape
-        dk = q.new_zeros(B, T, nkv, hd).transpose(1, 2)  # token-major: rows for index_add_
+        dk = q.new_zeros(B, T, nkv, hd).transpose(1, 2)  # token-major, as the CPU loops take it
         add_first_key_grads_(dq, dk, q, k, dlse * -ctx.scale, ctx.first_idx)
         return dq, dk, dlse, None, None
 

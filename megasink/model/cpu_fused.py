@@ -106,7 +106,8 @@ def shift_first_column_(out: torch.Tensor, dout: torch.Tensor, dlse):
 
 
 def restore_first_column_(out: torch.Tensor, saved: torch.Tensor) -> None:
-    _kernels[3](_tm(out), _tm(saved))
+    B, nh, T, _ = out.shape
+    _kernels[3](_tm(out), _tm(saved), B * T * nh)
 
 
 def _compile(cache: bool):
@@ -158,6 +159,18 @@ def _compile(cache: bool):
                         dqr[d] += c * kr[d]
                         dkr[d] += c * qr[d]
 
+    @numba.njit(sigs(lambda f: (a4(f), a3(f), int64)), **jit)
+    def restore(o, saved, rows):  # o[..., 0] = saved in the first `rows` (b, t, h) rows; numpy: 3x slower
+        B, T, H, _ = o.shape
+        i = 0
+        for b in range(B):
+            for t in range(T):
+                for h in range(H):
+                    if i == rows:
+                        return
+                    o[b, t, h, 0] = saved[b, t, h]
+                    i += 1
+
     @numba.njit(sigs(lambda f: (a4(f), a4(f), f[::1], f[:, ::1], a3(f), f, a3(f))), error_model="numpy", **jit)
     def shift(o, do, gh, gt, ge, limit, saved):  # o, do (B, T, H, D), dlse = gh x gt x ge, saved (B, T, H)
         B, T, H, _ = o.shape
@@ -170,24 +183,10 @@ def _compile(cache: bool):
                     if dl != 0:
                         delta = dl / do[b, t, h, 0]  # +-inf at dO0 = 0 (error_model numpy: no exception)
                         if not abs(delta) <= limit:  # also NaN: put the rows shifted so far back
-                            i = 0
-                            for b2 in range(B):
-                                for t2 in range(T):
-                                    for h2 in range(H):
-                                        if i == done:
-                                            return False
-                                        o[b2, t2, h2, 0] = saved[b2, t2, h2]
-                                        i += 1
+                            restore(o, saved, done)
+                            return False
                         o[b, t, h, 0] -= delta
                     done += 1
         return True
-
-    @numba.njit(sigs(lambda f: (a4(f), a3(f))), **jit)
-    def restore(o, saved):  # o[..., 0] = saved: a numpy column assignment is 3x slower
-        B, T, H, _ = o.shape
-        for b in range(B):
-            for t in range(T):
-                for h in range(H):
-                    o[b, t, h, 0] = saved[b, t, h]
 
     return logits, grads, shift, restore

@@ -211,19 +211,20 @@ def flash_backward(dout, dlse, q, k, v, out, lse, scale, mask, extras):
     if cpu_fused.usable(out, dout):  # the same shift, in place and undone right after
         column = cpu_fused.shift_first_column_(out, dout, dlse)
         if column is None:
-            return _augmented_bwd(dout, _dense(dlse), q, k, v, out, lse, scale, mask, extras)
+            return _augmented_bwd(dout, as_dense(dlse), q, k, v, out, lse, scale, mask, extras)
         try:
             return _flash_bwd(dout, q, k, v, out, lse, scale, mask, extras)
         finally:
             cpu_fused.restore_first_column_(out, column)
-    dlse = _dense(dlse)
+    dlse = as_dense(dlse)
     out_shifted = _shift_out(out, dout, dlse)
     if out_shifted is not None:
         return _flash_bwd(dout, q, k, v, out_shifted, lse, scale, mask, extras)
     return _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, extras)
 
 
-def _dense(g):
+def as_dense(g):
+    """A (B, nh, T) gradient given as a tensor or a ``FactoredGrad``, as a tensor."""
     return g.dense() if isinstance(g, FactoredGrad) else g
 
 
