@@ -47,3 +47,49 @@ def test_shared_mask_from_file(tmp_path):
     assert m.tolist() == [[True, False, True, False], [False, True, False, True]]
     with pytest.raises(ValueError, match="2 layers, the model has 3"):
         imp.shared_mask_from_file(p, 3, 4)
+
+
+def _cv2_reference(values) -> float:
+    """Population variance / mean^2 in exact rational arithmetic (independent of torch)."""
+    from fractions import Fraction
+
+    xs = [Fraction(float(v)) for v in values]
+    mean = sum(xs) / len(xs)
+    return float(sum((x - mean) ** 2 for x in xs) / len(xs) / mean**2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-7, 1e-20, 1e-35, 1e3])
+def test_cv_squared_is_scale_invariant_down_to_tiny_means(scale):
+    """[1, 3] * 1e-7 has CV^2 0.25 like [1, 3] (a clamp of mean^2 at 1e-12 gave 0.01)."""
+    base = torch.tensor([[1.0, 3.0, 2.0, 2.5], [0.5, 0.5, 0.7, 0.1]])
+    routed = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    imp_ = base * scale
+    got = imp.cv_squared(imp_, routed)
+    for layer in range(2):
+        ref = _cv2_reference(imp_[layer][routed[layer]].tolist())
+        assert got[layer].item() == pytest.approx(ref, rel=1e-5), (scale, layer)
+
+
+def test_cv_squared_gradient_at_tiny_mean_matches_float64_formula():
+    x = torch.tensor([[1e-7, 3e-7, 2e-7]], dtype=torch.float64, requires_grad=True)
+    routed = torch.ones(1, 3, dtype=torch.bool)
+    (g,) = torch.autograd.grad(imp.cv_squared(x, routed).sum(), x)
+    y = x.detach().clone().requires_grad_(True)  # the textbook formula, no clamp, in float64
+    ref = ((y - y.mean()) ** 2).mean() / y.mean() ** 2
+    (g_ref,) = torch.autograd.grad(ref, y)
+    assert torch.allclose(g, g_ref, rtol=1e-10)
+
+
+def test_cv_squared_vanishing_mean_is_zero_with_zero_gradient():
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.4, 0.3]], requires_grad=True)
+    routed = torch.ones(2, 3, dtype=torch.bool)
+    cv2 = imp.cv_squared(x, routed)
+    assert cv2[0].item() == 0.0
+    assert cv2[1].item() == pytest.approx(_cv2_reference([0.2, 0.4, 0.3]), rel=1e-5)
+    (g,) = torch.autograd.grad(cv2.sum(), x)
+    assert torch.isfinite(g).all() and g[0].abs().max() == 0 and g[1].abs().max() > 0
+    assert "layers [0]" in imp.vanishing_warning(x.detach(), routed)
+    assert imp.vanishing_warning(x.detach()[1:], routed[1:]) == ""
+    # a layer whose *shared* heads carry all the weight vanishes just the same
+    y = torch.tensor([[0.9, 0.0, 0.0]])
+    assert imp.cv_squared(y, torch.tensor([[False, True, True]])).item() == 0.0

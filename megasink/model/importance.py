@@ -18,7 +18,6 @@ import torch
 
 from megasink.model.kernels import SeqInfo
 
-_EPS = 1e-12
 
 
 def token_weights(seq: SeqInfo, variant: str) -> torch.Tensor:
@@ -42,13 +41,42 @@ def importance(gate_sums: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return gate_sums / count.clamp_min(1.0)
 
 
-def cv_squared(imp: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-    """imp (L, H), routed (L, H) bool -> CV^2 (L,) over each layer's routed heads."""
+def routed_mean(imp: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """imp (L, H), routed (L, H) bool -> (L,) mean importance of each layer's routed heads."""
     r = routed.to(imp.dtype)
-    n = r.sum(-1).clamp_min(1.0)  # (L,)
-    mean = (imp * r).sum(-1) / n
-    var = (((imp - mean[:, None]) * r) ** 2).sum(-1) / n  # population variance
-    return var / mean.pow(2).clamp_min(_EPS)
+    return (imp * r).sum(-1) / r.sum(-1).clamp_min(1.0)
+
+
+def vanishing_mean(mean: torch.Tensor) -> torch.Tensor:
+    """(L,) bool: layers whose routed mean importance is 0 or subnormal, where CV^2 is taken as 0."""
+    return mean < torch.finfo(mean.dtype).tiny
+
+
+def cv_squared(imp: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """imp (L, H), routed (L, H) bool -> CV^2 (L,) over each layer's routed heads.
+
+    Computed as the population mean of ((Imp - mean) / mean)^2: exact and scale invariant for
+    any positive mean (importances [1, 3] * 1e-7 give 0.25, as [1, 3] do). A layer whose routed
+    mean vanishes (``vanishing_mean``: every routed gate 0 or below fp underflow) has no defined
+    CV; it counts as 0 with a zero gradient (nothing to balance, and no gradient could reach
+    gates that small). The trainer names such layers in its log.
+    """
+    r = routed.to(imp.dtype)
+    mean = routed_mean(imp, routed)  # (L,)
+    vanishing = vanishing_mean(mean)
+    safe = torch.where(vanishing, torch.ones_like(mean), mean)
+    rel = (imp - mean[:, None]) / safe[:, None] * r  # (L, H) deviation relative to the mean
+    cv2 = rel.pow(2).sum(-1) / r.sum(-1).clamp_min(1.0)
+    return torch.where(vanishing, torch.zeros_like(cv2), cv2)
+
+
+def vanishing_warning(imp: torch.Tensor, routed: torch.Tensor) -> str:
+    """'' or a one-line warning naming the layers whose routed mean importance vanished."""
+    layers = torch.nonzero(vanishing_mean(routed_mean(imp, routed))).flatten().tolist()
+    if not layers:
+        return ""
+    return (f"layers {layers}: the routed heads' mean importance is below {torch.finfo(imp.dtype).tiny:.3g} "
+            "(every gate ~0): their CV^2 counts as 0 and sends no gradient")
 
 
 def aux_loss(imp: torch.Tensor, routed: torch.Tensor, coef: float, scale_by_heads: bool = False) -> torch.Tensor:

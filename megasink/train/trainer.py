@@ -327,6 +327,9 @@ class Trainer:
         imp = stats.gather_layers_over_pp(res.importance, self.dims)
         routed = stats.gather_layers_over_pp(self._routed(), self.dims)
         cv = imp_lib.cv_squared(imp, routed).sqrt()
+        vanished = imp_lib.vanishing_warning(imp, routed)
+        if vanished:
+            self._log_main(f"warning: step {self.counters.step}: {vanished}")
         rec = {"loss": res.loss, "aux_loss": res.aux_loss, "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": res.grad_norm, "tokens_per_s": tokens_per_s,
                "mfu": tokens_per_s * self.flops_per_token / (self.peak * self.dims.world_size),
