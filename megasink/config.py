@@ -131,7 +131,7 @@ class TrainConfig:
     save_interval: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 3
-    """Number of checkpoints kept."""
+    """Number of complete checkpoints kept (older ones are deleted); 0 keeps all."""
     resume: str = "auto"
     """auto (resume from run_dir's latest if any), none, or a checkpoint directory."""
     seed: int = 1234
@@ -168,8 +168,8 @@ class ParallelConfig:
     """Pipeline-parallel size (layers split into stages)."""
     dp: int = 0
     """Data-parallel size; 0 means world_size / (tp * pp)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3."""
+    zero_stage: int = -1
+    """DeepSpeed ZeRO stage 0-3; -1 (the default) means 1 when parallel.pp > 1, else 0."""
     pp_micro_batches: int = 0
     """Pipeline micro-batches per step; 0 means the gradient accumulation steps."""
     timeout_s: int = 600

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from megasink.config import MIN_ROUTED_HEADS
 from megasink.model import importance as imp_lib
 
 
@@ -50,10 +51,10 @@ class Diagnosis:
         return imp_lib.cv_squared(self.importance, torch.ones_like(self.importance, dtype=torch.bool)).sqrt()
 
     def shared_heads(self) -> list:
-        """[L][top_m] head indices, most important first."""
+        """[L][top_m] head indices, most important first (ties: the lower head index first)."""
         if self.top_m <= 0:
             return []
-        return self.importance.topk(self.top_m, dim=-1).indices.tolist()
+        return imp_lib.top_m_indices(self.importance, self.top_m).tolist()
 
 
 # --------------------------------------------------------------------------- model
@@ -307,8 +308,9 @@ def diagnose(model_path: str, data: list, num_samples: int = 500, seq_len: int =
     model.to(device)
     if dtype != "float32":
         model.to(getattr(torch, dtype))
-    if not 0 <= top_m < n_heads:
-        raise ValueError(f"--top-m {top_m} must be in [0, {n_heads - 1}] for {n_heads} heads")
+    if not 0 <= top_m <= n_heads - MIN_ROUTED_HEADS:
+        raise ValueError(f"--top-m {top_m} must be in [0, {n_heads - MIN_ROUTED_HEADS}] for {n_heads} heads: "
+                         f"fine-tuning needs at least {MIN_ROUTED_HEADS} routed (not shared) heads per layer")
     needs_text = any(_indexed_prefix(str(p)) is None for p in data)
     encode = load_encoder(tok) if (needs_text and tok) else None
     source = DocumentSource(data, encode, text_key)

@@ -62,3 +62,19 @@ def test_pipeline_constraints_named():
     with pytest.raises(ConfigError, match="clips gradients per stage"):
         load_config("configs/tiny-sink.yaml", ["parallel.pp=2"])
     load_config("configs/tiny-sink.yaml", ["parallel.pp=2", "train.grad_clip=0"])
+
+
+def test_shared_heads_both_forms_need_two_routed_heads(tmp_path):
+    """A count and an importance.json are held to the same rule (>= 2 routed heads per layer)."""
+    import json
+
+    base = ["model.n_layers=2", "model.n_heads=4"]
+    assert load_config("configs/tiny-sink.yaml", base + ["aux_loss.shared_heads=2"]).aux_loss.shared_heads == 2
+    with pytest.raises(ConfigError, match="aux_loss.shared_heads=3 must leave at least 2 routed"):
+        load_config("configs/tiny-sink.yaml", base + ["aux_loss.shared_heads=3"])
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"shared_heads": [[0, 1], [3, 2]]}))
+    bad.write_text(json.dumps({"shared_heads": [[0, 1], [0, 1, 2]]}))
+    assert load_config("configs/tiny-sink.yaml", base + [f"aux_loss.shared_heads={good}"])
+    with pytest.raises(ConfigError, match=r"aux_loss.shared_heads: .*bad\.json.*layer\(s\) \[1\].*at least 2 routed"):
+        load_config("configs/tiny-sink.yaml", base + [f"aux_loss.shared_heads={bad}"])

@@ -136,3 +136,16 @@ def test_unrepresentable_hf_model_uses_eager_fallback(tmp_path):
     d = diagnose(str(hf_dir), [str(tmp_path / "data")], num_samples=3, seq_len=16)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager").eval()
     assert (d.importance - eager_reference(hf, docs, 16)).abs().max() <= 1e-6
+
+
+def test_top_m_must_leave_two_routed_heads(tmp_path):
+    from megasink.diagnose import write_outputs
+
+    cfg = Config(model=small_model_cfg("sink", vocab_size=MODEL_VOCAB))  # 4 heads
+    ckpt = save_model_checkpoint(build_seeded(cfg.model), cfg, tmp_path / "step_1")
+    write_indexed(tmp_path / "data", [10, 12], MODEL_VOCAB)
+    with pytest.raises(ValueError, match=r"--top-m 3 must be in \[0, 2\].*at least 2 routed"):
+        diagnose(str(ckpt), [str(tmp_path / "data")], num_samples=2, seq_len=8, top_m=3)
+    d = diagnose(str(ckpt), [str(tmp_path / "data")], num_samples=2, seq_len=8, top_m=2)
+    out = write_outputs(d, tmp_path / "diag")
+    assert shared_mask_from_file(out / "importance.json", 2, 4).sum(-1).tolist() == [2, 2]

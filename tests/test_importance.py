@@ -93,3 +93,26 @@ def test_cv_squared_vanishing_mean_is_zero_with_zero_gradient():
     # a layer whose *shared* heads carry all the weight vanishes just the same
     y = torch.tensor([[0.9, 0.0, 0.0]])
     assert imp.cv_squared(y, torch.tensor([[False, True, True]])).item() == 0.0
+
+
+def test_top_m_ties_go_to_the_lower_head_index():
+    """Equal importances (a converted model's identical gates) are ranked by head index."""
+    i = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.2, 0.7, 0.7, 0.1], [0.3, 0.9, 0.3, 0.3]])
+    for m in (1, 2):
+        ref = [sorted(range(4), key=lambda h: (-row[h], h))[:m] for row in i.tolist()]  # independent ranking
+        assert imp.top_m_indices(i, m).tolist() == ref
+        assert imp.top_m_shared(i, m).tolist() == [[h in r for h in range(4)] for r in ref]
+    assert imp.tied_layers(i, 1) == [0, 1] and imp.tied_layers(i, 2) == [0, 2]
+
+
+@pytest.mark.parametrize("shared,ok", [([[0, 1], [2, 3]], True), ([[0, 1, 2], [3]], False),
+                                       ([[0], [0, 1, 2, 3]], False)])
+def test_shared_heads_file_leaves_two_routed_heads(tmp_path, shared, ok):
+    """The file form obeys the count form's rule: every layer keeps >= 2 routed heads."""
+    p = tmp_path / "importance.json"
+    p.write_text(json.dumps({"shared_heads": shared}))
+    if ok:
+        assert imp.shared_mask_from_file(p, 2, 4).sum().item() == 4
+    else:
+        with pytest.raises(ValueError, match="at least 2 routed"):
+            imp.shared_mask_from_file(p, 2, 4)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from megasink.config import MIN_ROUTED_HEADS
 from megasink.model.kernels import SeqInfo
 
 
@@ -101,16 +102,48 @@ def aux_loss_and_grad(gate_sums: torch.Tensor, count: torch.Tensor, routed: torc
     return loss.detach(), grad
 
 
+def top_m_indices(imp: torch.Tensor, m: int) -> torch.Tensor:
+    """(L, m) head indices of each layer's m most important heads, most important first.
+
+    Ties are broken by the lower head index (a stable sort), so equal importances (a converted
+    model's identical gates) give the same choice on every rank and in every run.
+    """
+    return torch.sort(imp, dim=-1, descending=True, stable=True).indices[:, :m]
+
+
 def top_m_shared(imp: torch.Tensor, m: int) -> torch.Tensor:
-    """(L, H) bool: the m most important heads of each layer (the shared heads)."""
+    """(L, H) bool: the m most important heads of each layer (the shared heads), ties as
+    ``top_m_indices``."""
     mask = torch.zeros_like(imp, dtype=torch.bool)
     if m > 0:
-        mask.scatter_(1, imp.topk(m, dim=-1).indices, True)
+        mask.scatter_(1, top_m_indices(imp, m), True)
     return mask
 
 
+def tied_layers(imp: torch.Tensor, m: int) -> list[int]:
+    """Layers where the m-th and (m+1)-th most important heads tie: the head index decided."""
+    if not 0 < m < imp.shape[-1]:
+        return []
+    ranked = torch.sort(imp, dim=-1, descending=True, stable=True).values
+    return torch.nonzero(ranked[:, m - 1] == ranked[:, m]).flatten().tolist()
+
+
+def check_routed(shared: torch.Tensor, where: str) -> None:
+    """Refuse shared heads (L, H) bool that leave a layer fewer than MIN_ROUTED_HEADS routed heads
+    (the CV of one head is 0: its aux loss would silently vanish). The rule of both forms of
+    aux_loss.shared_heads (a count is checked by config.validate)."""
+    n_routed = (~shared).sum(-1)
+    bad = torch.nonzero(n_routed < MIN_ROUTED_HEADS).flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"{where}: layer(s) {bad} keep {n_routed[bad[0]].item()} routed head(s) of {shared.shape[1]}: every "
+            f"layer needs at least {MIN_ROUTED_HEADS} routed (not shared) heads for the CV to balance; share fewer "
+            f"heads (tools/diagnose_heads.py --top-m at most {shared.shape[1] - MIN_ROUTED_HEADS})")
+
+
 def shared_mask_from_file(path: str | Path, n_layers: int, n_heads: int) -> torch.Tensor:
-    """(L, H) bool from an importance.json's ``shared_heads`` ([layers][m] head indices)."""
+    """(L, H) bool from an importance.json's ``shared_heads`` ([layers][m] head indices),
+    checked by ``check_routed``."""
     data = json.loads(Path(path).read_text())
     if "shared_heads" not in data:
         raise ValueError(f"{path}: no 'shared_heads' (write it with tools/diagnose_heads.py --top-m M)")
@@ -123,4 +156,5 @@ def shared_mask_from_file(path: str | Path, n_layers: int, n_heads: int) -> torc
             if not 0 <= int(h) < n_heads:
                 raise ValueError(f"{path}: layer {layer} names head {h}, the model has {n_heads} heads")
             mask[layer, int(h)] = True
+    check_routed(mask, f"{path}: shared_heads")
     return mask

@@ -64,7 +64,13 @@ def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
         if dims.dp > 1:
             dist.all_reduce(sums, group=dims.group("dp"))
             dist.all_reduce(count, group=dims.group("dp"))
-        model.shared_heads.copy_(imp_lib.top_m_shared(imp_lib.importance(sums, count[0]), m))
+        imp = imp_lib.importance(sums, count[0])
+        model.shared_heads.copy_(imp_lib.top_m_shared(imp, m))
+        tied = imp_lib.tied_layers(imp, m)
+        if tied:
+            _rank0_print(f"[megasink] warning: layers {tied}: heads tie for the top-{m}; the lower head index was "
+                         "taken (a converted model's new gates start equal: measure the base model with "
+                         "tools/diagnose_heads.py --top-m and pass its importance.json as aux_loss.shared_heads)")
     if model.shared_heads.any():
         _rank0_print(f"[megasink] shared heads per layer: {[row.nonzero().flatten().tolist() for row in model.shared_heads]}")
 
