@@ -131,7 +131,7 @@ class TrainConfig:
     save_interval: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 3
-    """Number of complete checkpoints kept (older ones are deleted); 0 keeps all."""
+    """Number of checkpoints kept."""
     resume: str = "auto"
     """auto (resume from run_dir's latest if any), none, or a checkpoint directory."""
     seed: int = 1234
@@ -168,8 +168,8 @@ class ParallelConfig:
     """Pipeline-parallel size (layers split into stages)."""
     dp: int = 0
     """Data-parallel size; 0 means world_size / (tp * pp)."""
-    zero_stage: int = -1
-    """DeepSpeed ZeRO stage 0-3; -1 (the default) means 1 when parallel.pp > 1, else 0."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
     pp_micro_batches: int = 0
     """Pipeline micro-batches per step; 0 means the gradient accumulation steps."""
     timeout_s: int = 600
@@ -341,6 +341,27 @@ def validate_model(m: ModelConfig, where: str = "<config>") -> None:
         )
 
 
+MIN_ROUTED_HEADS = 2  # per layer: the CV of a single routed head is 0 and balances nothing
+
+
+def validate_shared_heads(shared_heads: Union[int, str], m: ModelConfig, where: str) -> None:
+    """Both forms of aux_loss.shared_heads leave every layer MIN_ROUTED_HEADS routed heads: a count
+    here, a file (when it exists; a missing one is named when training reads it) by the same rule in
+    megasink.model.importance.check_routed."""
+    if isinstance(shared_heads, int):
+        if not 0 <= shared_heads <= m.n_heads - MIN_ROUTED_HEADS:
+            raise ConfigError(
+                f"{where}: aux_loss.shared_heads={shared_heads} must leave at least {MIN_ROUTED_HEADS} routed "
+                f"heads of model.n_heads={m.n_heads}: use 0 to {m.n_heads - MIN_ROUTED_HEADS}")
+    elif shared_heads and Path(shared_heads).is_file():
+        from megasink.model.importance import shared_mask_from_file
+
+        try:
+            shared_mask_from_file(shared_heads, m.n_layers, m.n_heads)
+        except ValueError as e:
+            raise ConfigError(f"{where}: aux_loss.shared_heads: {e}") from e
+
+
 def validate(cfg: Config, where: str = "<config>") -> None:
     """Cross-field checks that need no process group (the world size is checked later)."""
     validate_model(cfg.model, where)
@@ -350,11 +371,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     _check_choice(a.accumulation, ("global", "micro"), "aux_loss.accumulation", where)
     if a.coef < 0:
         raise ConfigError(f"{where}: aux_loss.coef must be >= 0, got {a.coef}")
-    if isinstance(a.shared_heads, int) and not 0 <= a.shared_heads < cfg.model.n_heads - 1:
-        raise ConfigError(
-            f"{where}: aux_loss.shared_heads={a.shared_heads} must leave at least 2 routed heads "
-            f"of model.n_heads={cfg.model.n_heads}"
-        )
+    validate_shared_heads(a.shared_heads, cfg.model, where)
     if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
         raise ConfigError(f"{where}: train.micro_batch_size and train.global_batch_size must be positive")
     if p.zero_stage not in (0, 1, 2, 3):
