@@ -68,3 +68,43 @@ def test_bad_options(tmp_path, inputs):
         train_tokenizer(TokenizerConfig(inputs=inputs, model_prefix=str(tmp_path / "x"), vocab_size=100))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_tokenizer(TokenizerConfig(inputs=[str(tmp_path / "missing.parquet")], model_prefix=str(tmp_path / "x")))
+
+
+def _data_import_graph() -> dict:
+    """megasink.data module -> the megasink.data modules it imports (at any depth of its code)."""
+    import ast
+    from pathlib import Path
+
+    import megasink.data
+
+    root = Path(megasink.data.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            deps.update(n.split(".")[2] for n in names if n.startswith("megasink.data."))
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_data_modules_import_no_cycle():
+    """Tokenizer training and the preprocessor share their record rules through megasink.data.records,
+    not through each other (tokenizer.py used preprocess.py's private helpers, which imported tokenizer.py)."""
+    graph = _data_import_graph()
+    assert {"tokenizer", "preprocess", "records"} <= graph.keys()
+    state: dict = {}
+
+    def visit(module, path):
+        if state.get(module) == "open":
+            raise AssertionError(f"import cycle: {' -> '.join(path + [module])}")
+        if state.get(module) is None:
+            state[module] = "open"
+            for dep in sorted(graph.get(module, ())):
+                visit(dep, path + [module])
+            state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert "records" in graph["tokenizer"] and "records" in graph["preprocess"]

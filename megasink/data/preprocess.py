@@ -36,20 +36,8 @@ from megasink.data.outputs import (
     commit_outputs,
     valid_prefix,
 )
+from megasink.data.records import SKIP_REASONS, RecordFilter, keep_text, record_fields
 from megasink.data.sources import Chunk, ReadOptions, check_source, expand_inputs, iter_chunks
-
-SKIP_REASONS = (
-    "invalid_json",
-    "missing_text",
-    "not_text",
-    "invalid_utf8",
-    "empty",
-    "missing_score",
-    "low_int_score",
-    "low_score",
-    "too_short",
-    "too_few_tokens",
-)
 
 
 @dataclass
@@ -129,11 +117,8 @@ _WORKER: dict = {}
 
 @dataclass(frozen=True)
 class _WorkerOptions:
-    text_key: str
+    filter: RecordFilter
     dtype: str
-    min_int_score: Optional[int]
-    min_score: Optional[float]
-    min_chars: int
     min_tokens: int
     valid_fraction: float
     eos_id: int  # -1: do not append
@@ -166,72 +151,6 @@ def _init_worker(model_path: str, sha256: str, opts: _WorkerOptions) -> None:
     _WORKER["opts"] = opts
 
 
-def _record_fields(chunk: Chunk, i: int, opts: _WorkerOptions, skipped: Counter):
-    """(text, int_score, score) of record i, or None after counting why it is skipped."""
-    if chunk.kind == "jsonl":
-        try:
-            rec = json.loads(chunk.records[i])
-        except UnicodeDecodeError:
-            skipped["invalid_utf8"] += 1
-            return None
-        except ValueError:
-            skipped["invalid_json"] += 1
-            return None
-        if not isinstance(rec, dict):
-            skipped["invalid_json"] += 1
-            return None
-        if rec.get(opts.text_key) is None:
-            skipped["missing_text"] += 1
-            return None
-        return rec[opts.text_key], rec.get("int_score"), rec.get("score")
-    value = chunk.records[i]
-    if value is None:
-        skipped["missing_text"] += 1
-        return None
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            skipped["invalid_utf8"] += 1
-            return None
-    int_score = chunk.int_scores[i] if chunk.int_scores is not None else None
-    score = chunk.scores[i] if chunk.scores is not None else None
-    return value, int_score, score
-
-
-def _keep(text, int_score, score, opts: _WorkerOptions, skipped: Counter) -> Optional[bytes]:
-    """UTF-8 bytes of ``text`` if it passes validation and the filters, else None (counted)."""
-    if not isinstance(text, str):
-        skipped["not_text"] += 1
-        return None
-    try:
-        raw = text.encode("utf-8")  # lone surrogates from JSON escapes fail here
-    except UnicodeEncodeError:
-        skipped["invalid_utf8"] += 1
-        return None
-    if not text or text.isspace():
-        skipped["empty"] += 1
-        return None
-    if opts.min_int_score is not None:
-        if not isinstance(int_score, (int, float)):
-            skipped["missing_score"] += 1
-            return None
-        if int_score < opts.min_int_score:
-            skipped["low_int_score"] += 1
-            return None
-    if opts.min_score is not None:
-        if not isinstance(score, (int, float)):
-            skipped["missing_score"] += 1
-            return None
-        if score < opts.min_score:
-            skipped["low_score"] += 1
-            return None
-    if len(text) < opts.min_chars:
-        skipped["too_short"] += 1
-        return None
-    return raw
-
-
 def is_valid_document(raw: bytes, valid_fraction: float) -> bool:
     """Validation-split membership of a document from a hash of its UTF-8 bytes."""
     if valid_fraction <= 0:
@@ -248,8 +167,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     skipped: Counter = Counter()
     ids_list, nbytes, valid = [], [], []
     for i in range(len(chunk.records)):
-        fields = _record_fields(chunk, i, opts, skipped)
-        raw = None if fields is None else _keep(*fields, opts, skipped)
+        fields = record_fields(chunk, i, opts.filter.text_key, skipped)
+        raw = None if fields is None else keep_text(*fields, opts.filter, skipped)
         if raw is None:
             continue
         ids = sp.encode(fields[0])
@@ -318,11 +237,8 @@ def _worker_options(cfg: PreprocessConfig, tok: dict, dtype: np.dtype) -> _Worke
     if cfg.prepend_bos and tok["bos_id"] < 0:
         raise ValueError(f"tokenizer {cfg.tokenizer_model} has no BOS id")
     return _WorkerOptions(
-        text_key=cfg.text_key,
+        filter=RecordFilter(cfg.text_key, cfg.min_int_score, cfg.min_score, cfg.min_chars),
         dtype=dtype.name,
-        min_int_score=cfg.min_int_score,
-        min_score=cfg.min_score,
-        min_chars=cfg.min_chars,
         min_tokens=cfg.min_tokens,
         valid_fraction=cfg.valid_fraction,
         eos_id=tok["eos_id"] if cfg.append_eos else -1,

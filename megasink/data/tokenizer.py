@@ -19,9 +19,11 @@ import hashlib
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
+from megasink.data.records import RecordFilter, keep_text, record_fields
 from megasink.data.sources import ReadOptions, check_source, expand_inputs, iter_chunks
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -82,20 +84,17 @@ def tokenizer_info(model_path: str) -> dict:
 
 def _decoded_texts(cfg: TokenizerConfig) -> Iterator[str]:
     """Every text the preprocessor would keep (before tokenization), in input order."""
-    from megasink.data.preprocess import _keep, _record_fields, _WorkerOptions
-    from collections import Counter
-
     sources = expand_inputs(cfg.inputs)
     opts = ReadOptions(text_key=cfg.text_key, need_int_score=cfg.min_int_score is not None, split=cfg.split)
     for s in sources:
         check_source(s, opts)
-    wopts = _WorkerOptions(cfg.text_key, "int32", cfg.min_int_score, None, 0, 0, 0.0, -1, -1)
+    filt = RecordFilter(cfg.text_key, cfg.min_int_score)
     skipped: Counter = Counter()
     for chunk in iter_chunks(sources, opts):
         chunk = chunk.as_lists()
         for i in range(len(chunk.records)):
-            fields = _record_fields(chunk, i, wopts, skipped)
-            if fields is not None and _keep(*fields, wopts, skipped) is not None:
+            fields = record_fields(chunk, i, cfg.text_key, skipped)
+            if fields is not None and keep_text(*fields, filt, skipped) is not None:
                 yield fields[0]
 
 
