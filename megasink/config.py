@@ -17,7 +17,7 @@ from typing import Any, Union
 import yaml
 
 ATTENTION_VARIANTS = ("vanilla", "sink", "gated")
-ATTENTION_BACKENDS = ("auto", "eager", "flex", "sdpa", "flash")
+ATTENTION_BACKENDS = ("auto", "eager", "flash", "varlen", "flex", "sdpa")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
 
@@ -53,7 +53,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Share the input embedding and the output projection."""
     attention_backend: str = "auto"
-    """Attention kernel: auto | eager | flex | sdpa | flash (see megasink/model/kernels.py)."""
+    """Attention route: auto (flash on CPU, varlen on CUDA) | eager | flash | varlen | flex | sdpa
+    (inference only); see megasink/model/kernels/."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weight matrices."""
     sink_init: float = 0.0
@@ -131,7 +132,7 @@ class TrainConfig:
     save_interval: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 3
-    """Number of checkpoints kept."""
+    """Number of complete checkpoints kept (older ones are deleted); 0 keeps all."""
     resume: str = "auto"
     """auto (resume from run_dir's latest if any), none, or a checkpoint directory."""
     seed: int = 1234
@@ -142,6 +143,10 @@ class TrainConfig:
     """Consecutive non-finite losses tolerated (step skipped) before stopping."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile each transformer block (one graph per block, no graph breaks); tp = pp = 1 only."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for train.compile: inductor (fast kernels) or aot_eager (checks only)."""
     progress: bool = True
     """Show a progress bar on rank 0 (only when stderr is a terminal)."""
     peak_tflops: float = 0.0
@@ -168,8 +173,8 @@ class ParallelConfig:
     """Pipeline-parallel size (layers split into stages)."""
     dp: int = 0
     """Data-parallel size; 0 means world_size / (tp * pp)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3."""
+    zero_stage: int = -1
+    """DeepSpeed ZeRO stage 0-3; -1 (the default) means 1 when parallel.pp > 1, else 0."""
     pp_micro_batches: int = 0
     """Pipeline micro-batches per step; 0 means the gradient accumulation steps."""
     timeout_s: int = 600
@@ -324,12 +329,18 @@ def _check_choice(value: str, allowed: tuple, key: str, where: str) -> None:
         raise ConfigError(f"{where}: {key} = {value!r} is not one of {', '.join(allowed)}")
 
 
+def _check_at_least(section, name: str, minimum: int, keys: tuple, where: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        if value < minimum:
+            raise ConfigError(f"{where}: {name}.{key} must be {'positive' if minimum == 1 else f'>= {minimum}'}, "
+                              f"got {value}")
+
+
 def validate_model(m: ModelConfig, where: str = "<config>") -> None:
     _check_choice(m.attention, ATTENTION_VARIANTS, "model.attention", where)
     _check_choice(m.attention_backend, ATTENTION_BACKENDS, "model.attention_backend", where)
-    for key in ("n_layers", "n_heads", "d_model", "vocab_size", "seq_len"):
-        if getattr(m, key) <= 0:
-            raise ConfigError(f"{where}: model.{key} must be positive, got {getattr(m, key)}")
+    _check_at_least(m, "model", 1, ("n_layers", "n_heads", "d_model", "vocab_size", "seq_len"), where)
     if m.d_model % m.n_heads:
         raise ConfigError(f"{where}: model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if m.head_dim % 2:
@@ -363,17 +374,23 @@ def validate_shared_heads(shared_heads: Union[int, str], m: ModelConfig, where: 
 
 
 def validate(cfg: Config, where: str = "<config>") -> None:
-    """Cross-field checks that need no process group (the world size is checked later)."""
+    """Cross-field checks that need no process group (the world size is checked later); also
+    resolves parallel.zero_stage's default (-1) to the stage it stands for."""
     validate_model(cfg.model, where)
     t, p, a = cfg.train, cfg.parallel, cfg.aux_loss
     _check_choice(t.schedule, LR_SCHEDULES, "train.schedule", where)
     _check_choice(t.precision, PRECISIONS, "train.precision", where)
+    _check_choice(t.compile_backend, ("inductor", "aot_eager"), "train.compile_backend", where)
     _check_choice(a.accumulation, ("global", "micro"), "aux_loss.accumulation", where)
     if a.coef < 0:
         raise ConfigError(f"{where}: aux_loss.coef must be >= 0, got {a.coef}")
     validate_shared_heads(a.shared_heads, cfg.model, where)
-    if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
-        raise ConfigError(f"{where}: train.micro_batch_size and train.global_batch_size must be positive")
+    _check_at_least(t, "train", 1, ("steps", "micro_batch_size", "global_batch_size", "log_interval",
+                                    "importance_interval", "eval_steps"), where)
+    _check_at_least(t, "train", 0, ("warmup_steps", "eval_interval", "save_interval", "keep_last",
+                                    "max_nan_skips"), where)
+    if p.zero_stage == -1:  # the default: the pipeline engine clips by the global norm only with ZeRO-1
+        p.zero_stage = 1 if p.pp > 1 else 0
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     for key in ("tp", "pp"):
@@ -384,7 +401,12 @@ def validate(cfg: Config, where: str = "<config>") -> None:
                           "(DeepSpeed's pipeline engine does not support ZeRO-2/3)")
     if p.pp > 1 and p.zero_stage == 0 and t.grad_clip > 0:
         raise ConfigError(f"{where}: parallel.pp={p.pp} with parallel.zero_stage=0 clips gradients per stage in "
-                          "DeepSpeed, not by the global norm: use parallel.zero_stage=1 or train.grad_clip=0")
+                          "DeepSpeed, not by the global norm: use parallel.zero_stage=1 (the default with "
+                          "parallel.pp > 1) or train.grad_clip=0")
+    if t.compile and (p.tp > 1 or p.pp > 1):
+        raise ConfigError(f"{where}: train.compile is supported with parallel.tp=1 and parallel.pp=1 only "
+                          f"(got tp={p.tp}, pp={p.pp}): the tensor-parallel collectives and DeepSpeed's pipeline "
+                          "stages are not traced; set train.compile=false")
     if p.pp > 1 and a.accumulation != "global":
         raise ConfigError(f"{where}: aux_loss.accumulation={a.accumulation!r} is not supported with parallel.pp > 1")
     m = cfg.model

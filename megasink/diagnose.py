@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from megasink.config import MIN_ROUTED_HEADS
+from megasink.config import ATTENTION_BACKENDS, MIN_ROUTED_HEADS
 from megasink.model import importance as imp_lib
 
 
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
                                        "(default: the model's own)")
     p.add_argument("--text-key", default="text", help="JSON / parquet field with the text (default text)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "flash", "sdpa", "flex", "eager"],
+    p.add_argument("--backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernel (default auto: flash on CPU, memory-efficient SDPA on CUDA)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype (default float32)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per forward pass")

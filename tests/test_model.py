@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from conftest import build_seeded, packed_doc_ids, small_model_cfg
-from megasink.model import cpu_fused
 from megasink.model.importance import token_weights
 from megasink.model.kernels import SeqInfo
 from megasink.model.layers import apply_rope
@@ -61,7 +60,7 @@ def test_gates_match_explicit_probabilities(variant, backend):
     assert (ref_y - y).abs().max() < 1e-5
     assert gate.std() > 1e-3  # the check is not vacuous
     weights = token_weights(seq, variant)
-    y2, sums = attn(x, cos, sin, seq, backend, weights)  # with a graph (vanilla + flash: FlashVanilla)
+    y2, sums = attn(x, cos, sin, seq, backend, weights)  # with a graph
     ref_sums = (ref_gate * weights[:, None]).sum((0, 2))
     assert (sums - ref_sums).abs().max() < 1e-5 * weights.sum() and (y2 - ref_y).abs().max() < 1e-5
 
@@ -74,10 +73,8 @@ def _loss_grads(model, tokens, doc, backend):
     return {n: p.grad.clone() for n, p in model.named_parameters()}, out
 
 
-@pytest.mark.parametrize("numba", [True, False], ids=["numba", "torch-ops"])
 @pytest.mark.parametrize("docs", [False, True])
-def test_flash_gradients_equal_eager(variant, docs, numba, monkeypatch):
-    monkeypatch.setattr(cpu_fused, "enabled", numba and cpu_fused.enabled)  # torch-ops: the CUDA / bf16 code
+def test_flash_gradients_equal_eager(variant, docs):
     cfg = small_model_cfg(variant)
     model = build_seeded(cfg, coef=1.0)  # large coef: the aux gradient is a visible share
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
@@ -128,9 +125,7 @@ def test_flex_forward_matches_eager_and_refuses_cpu_training():
     assert resolve_backend("auto", torch.device("cpu"), needs_lse_grad=True) == "flash"
 
 
-@pytest.mark.parametrize("numba", [True, False], ids=["numba", "torch-ops"])
-def test_finite_difference_whole_model_fp64(variant, numba, monkeypatch):
-    monkeypatch.setattr(cpu_fused, "enabled", numba and cpu_fused.enabled)
+def test_finite_difference_whole_model_fp64(variant):
     cfg = small_model_cfg(variant, seq_len=24, attention_backend="flash")
     model = build_seeded(cfg, coef=1.0, dtype=torch.float64)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
@@ -197,25 +192,32 @@ def test_flash_backward_paths(monkeypatch):
     dim with O shifted (rows without an output gradient are fine when their dLSE is 0 too);
     a row with dLSE but no output gradient: the augmented column (hd + 1). All equal eager."""
     from megasink.model import kernels
+    from megasink.model.kernels import lse_grad
 
     seen = []
-    orig = kernels._flash_bwd
-    monkeypatch.setattr(kernels, "_flash_bwd", lambda dout, q, *a: seen.append(q.shape[-1]) or orig(dout, q, *a))
+    rule = lse_grad.backward_with_lse_grad
+
+    def recording(kernel_bwd, *args, **kw):
+        return rule(lambda dout, q, *a: seen.append(q.shape[-1]) or kernel_bwd(dout, q, *a), *args, **kw)
+
+    monkeypatch.setattr(lse_grad, "backward_with_lse_grad", recording)
+    monkeypatch.setattr(kernels.cpu_flash, "backward_with_lse_grad", recording)
     q = torch.randn(1, 4, 16, 8, requires_grad=True)
     k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(2))  # grouped-query
     seq = SeqInfo.build(torch.zeros(1, 16, dtype=torch.long))
     r = torch.randn(1, 4, 16, 8)
     rows = (torch.arange(16) % 3 != 0).float()[None, None, :]  # a third of the rows: no gradient
-    losses = {"plain": (lambda o, l: (o * r).sum(), [8]),
-              "out+lse": (lambda o, l: (o * r).sum() + l.pow(2).sum(), [8]),
-              "some rows with neither": (lambda o, l: (o * r * rows[..., None]).sum() + (l.pow(2) * rows).sum(), [8]),
-              "lse only": (lambda o, l: l.pow(2).sum(), [9]),
-              "some rows lse only": (lambda o, l: (o * r * rows[..., None]).sum() + l.pow(2).sum(), [9])}
-    for name, (fn, widths) in losses.items():
+    losses = {"plain": (lambda o, l: (o * r).sum(), [8], False),
+              "out+lse": (lambda o, l: (o * r).sum() + l.pow(2).sum(), [8], True),
+              "some rows with neither": (lambda o, l: (o * r * rows[..., None]).sum() + (l.pow(2) * rows).sum(), [8],
+                                         True),
+              "lse only": (lambda o, l: l.pow(2).sum(), [9], True),
+              "some rows lse only": (lambda o, l: (o * r * rows[..., None]).sum() + l.pow(2).sum(), [9], True)}
+    for name, (fn, widths, lse_used) in losses.items():
         grads = {}
         for backend in ("eager", "flash"):
             seen.clear()
-            out, lse = kernels.attention_with_lse(q, k, v, backend=backend, seq=seq)
+            out, lse = kernels.attention_with_lse(q, k, v, backend=backend, seq=seq, lse_grad=lse_used)
             g = torch.autograd.grad(fn(out, lse), (q, k, v), allow_unused=True)
             grads[backend] = [torch.zeros_like(t) if x is None else x for x, t in zip(g, (q, k, v))]
             if backend == "flash":
@@ -226,8 +228,9 @@ def test_flash_backward_paths(monkeypatch):
 
 @pytest.mark.parametrize("docs", [False, True])
 def test_vanilla_gate_backward_equals_autograd_fp64(docs):
-    """The hand-written VanillaGate backward against autograd of the plain expression
-    1 - exp(q . k[first] * scale - lse) with k repeated to every query head (fp64, GQA)."""
+    """The vanilla gate (token-major, kv heads broadcast over their query group) against the
+    textbook expression 1 - exp(q . k[first] * scale - lse) with k repeated to every query
+    head, values and gradients (fp64, GQA)."""
     from megasink.model.attention import vanilla_gate
 
     torch.manual_seed(0)
@@ -271,8 +274,8 @@ def test_unmeasured_vanilla_gates_change_nothing_but_the_importance(variant):
 
 
 def test_rmsnorm_and_rope_functions_equal_autograd_fp64():
-    """The hand-written backwards of RMSNorm and RoPE against autograd of the textbook
-    expressions (Llama / HF: x / rms(x) * w; x cos + rotate_half(x) sin), fp64."""
+    """RMSNorm and RoPE against the textbook expressions (Llama / HF: x / rms(x) * w;
+    x cos + rotate_half(x) sin with duplicated frequencies), values and gradients, fp64."""
     from megasink.model.layers import RMSNorm, RotaryEmbedding
 
     torch.manual_seed(0)
@@ -296,178 +299,3 @@ def test_rmsnorm_and_rope_functions_equal_autograd_fp64():
     assert torch.allclose(got, ref, rtol=1e-13, atol=1e-15)
     assert torch.allclose(torch.autograd.grad((ref * r).sum(), x)[0], torch.autograd.grad((got * r).sum(), x)[0],
                           rtol=1e-13, atol=1e-15)
-
-
-@pytest.mark.skipif(not cpu_fused.enabled, reason="numba is not installed (requirements.txt installs it)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("docs", [False, True])
-def test_cpu_fused_loops_equal_torch_ops(monkeypatch, dtype, docs):
-    """The numba loops (vanilla gate logits, their q/k gradient, the in-place shift of O) give
-    what the PyTorch ops give, in the token-major layout the model uses; other layouts take the
-    PyTorch ops (also checked)."""
-    from megasink.model import attention, kernels
-
-    torch.manual_seed(0)
-    B, nh, nkv, T, hd = 2, 4, 2, 24, 8
-    q = torch.randn(B, T, nh, hd, dtype=dtype).transpose(1, 2)  # token-major views, as in the model
-    k = torch.randn(B, T, nkv, hd, dtype=dtype).transpose(1, 2)
-    lse = torch.randn(B, nh, T, dtype=dtype) + 3
-    first = SeqInfo.build(torch.zeros(B, T, dtype=torch.long), packed_doc_ids(B, T, (7, 9)) if docs else None).first_idx
-    first = first if docs else None
-    w = torch.randn(B, nh, T, dtype=dtype) * (torch.rand(B, nh, T) > 0.2)  # some rows without gradient
-    dq0 = torch.randn(B, T, nh, hd, dtype=dtype).transpose(1, 2)
-    dk0 = torch.randn(B, T, nkv, hd, dtype=dtype).transpose(1, 2)
-    assert cpu_fused.usable(q, k, dq0, dk0) and not cpu_fused.usable(q.contiguous())  # head-major: PyTorch ops
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    results = {}
-    for case in ("numba", "torch", "head-major"):
-        monkeypatch.setattr(cpu_fused, "enabled", case == "numba")
-        x = attention._log_first_weight(q, k, lse, first, 0.3)
-        dq, dk = dq0.clone(), dk0.clone()  # clone keeps the strides
-        if case == "head-major":
-            dq, dk = dq.contiguous(), dk.contiguous()
-        attention.add_first_key_grads_(dq, dk, q, k, w, first)
-        results[case] = (x, dq, dk)
-    for case in ("numba", "head-major"):
-        for name, a, b in zip(("logits", "dq", "dk"), results[case], results["torch"]):
-            assert (a - b).abs().max() <= tol * b.abs().max(), (case, name)
-    monkeypatch.setattr(cpu_fused, "enabled", True)
-    out, dout = (torch.randn(B, T, nh, hd, dtype=dtype).transpose(1, 2) for _ in range(2))
-    dlse = torch.randn(B, nh, T, dtype=dtype) * (torch.rand(B, nh, T) > 0.3)
-    before = out.clone()
-    column = cpu_fused.shift_first_column_(out, dout, dlse)
-    assert torch.equal(out, kernels._shift_out(before, dout, dlse))  # the same shift as the PyTorch code
-    cpu_fused.restore_first_column_(out, column)
-    assert torch.equal(out, before) and not torch.equal(column, torch.zeros_like(column))
-    dout[1, 2, 5, 0] = 0.0  # a row that cannot carry its dLSE: refused, out untouched
-    dlse[1, 2, 5] = 1.0
-    assert cpu_fused.shift_first_column_(out, dout, dlse) is None and torch.equal(out, before)
-    dlse[1, 2, 5] = float("nan")  # so is a NaN
-    assert cpu_fused.shift_first_column_(out, dout, dlse) is None and torch.equal(out, before)
-    assert kernels._shift_out(out, dout, dlse) is None
-
-
-@pytest.mark.parametrize("cannot_shift", [False, True])
-def test_flash_backward_leaves_out_as_it_was(cannot_shift):
-    """The lse gradient shifts O in place for the kernel's backward: afterwards O is bitwise
-    what the forward returned, so a second backward (retain_graph) gives the same gradients,
-    also when a row with dLSE but no output gradient sends it to the augmented fallback."""
-    from megasink.model.kernels import attention_with_lse
-
-    torch.manual_seed(0)
-    q = torch.randn(2, 4, 32, 8, requires_grad=True)
-    k, v = (torch.randn(2, 2, 32, 8, requires_grad=True) for _ in range(2))
-    seq = SeqInfo.build(torch.zeros(2, 32, dtype=torch.long), packed_doc_ids(2, 32, (11,)))
-    out, lse = attention_with_lse(q, k, v, backend="flash", seq=seq)
-    kept = out.detach().clone()
-    r = torch.randn(out.shape)
-    if cannot_shift:
-        r[0, 1, 3] = 0.0
-    loss = (out * r).sum() + lse.pow(2).sum()
-    first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
-    assert torch.equal(out.detach(), kept)
-    second = torch.autograd.grad(loss, (q, k, v))
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    out_ref, lse_ref = attention_with_lse(q, k, v, backend="eager", seq=seq)
-    ref = torch.autograd.grad((out_ref * r).sum() + lse_ref.pow(2).sum(), (q, k, v))
-    for a, b in zip(first, ref):
-        assert (a - b).norm() <= 1e-5 * b.norm()
-
-
-@pytest.mark.parametrize("numba", [True, False], ids=["numba", "torch-ops"])
-def test_flash_vanilla_op_equals_eager(numba, monkeypatch):
-    """FlashVanilla (flash kernel + vanilla gate + weighted gate sums in one op) against eager
-    attention and the gate read off its explicit probabilities, for a loss on the output and
-    sums, the sums only (no output gradient: the augmented fallback) and the output only; O is
-    bitwise unchanged after each backward, also when the kernel backward raises, and
-    retain_graph gives the same gradients twice."""
-    from megasink.model import kernels
-    from megasink.model.attention import flash_vanilla_attention
-
-    monkeypatch.setattr(cpu_fused, "enabled", numba and cpu_fused.enabled)
-    torch.manual_seed(0)
-    B, nh, nkv, T, hd = 2, 4, 2, 32, 8
-    q = torch.randn(B, T, nh, hd).transpose(1, 2).requires_grad_()  # token-major, as in the model
-    k, v = (torch.randn(B, T, nkv, hd).transpose(1, 2).requires_grad_() for _ in range(2))
-    seq = SeqInfo.build(torch.zeros(B, T, dtype=torch.long), packed_doc_ids(B, T, (11, 20)))
-    weights = token_weights(seq, "vanilla") * torch.rand(B, T)  # any token weights
-    r_out, r_sum = torch.randn(B, nh, T, hd), torch.randn(nh)
-    out_e, lse_e = kernels.attention_with_lse(q, k, v, backend="eager", seq=seq)
-    probs = torch.exp(torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(nh // nkv, 1)) * hd ** -0.5
-                      - lse_e[..., None])
-    gate_e = 1 - torch.gather(probs, 3, seq.first_idx[:, None, :, None].expand(B, nh, T, 1))[..., 0]
-    sums_e = (gate_e * weights[:, None]).sum((0, 2))
-    losses = {"out+sums": lambda o, s: (o * r_out).sum() + (s * r_sum).sum() * 10,
-              "sums only": lambda o, s: (s * r_sum).sum(), "out only": lambda o, s: (o * r_out).sum()}
-    for name, fn in losses.items():
-        out, sums = flash_vanilla_attention(q, k, v, hd ** -0.5, seq, weights)
-        assert (sums - sums_e).abs().max() < 1e-5 * sums_e.abs().max() and (out - out_e).abs().max() < 1e-5
-        kept = out.detach().clone()
-        loss = fn(out, sums)
-        got = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
-        assert torch.equal(out.detach(), kept), name
-        assert all(torch.equal(a, b) for a, b in zip(got, torch.autograd.grad(loss, (q, k, v), retain_graph=True)))
-        ref = torch.autograd.grad(fn(out_e, sums_e), (q, k, v), retain_graph=True, materialize_grads=True)
-        for a, b in zip(got, ref):
-            assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7, name
-
-    def broken(*args):
-        raise RuntimeError("kernel failed")
-
-    out, sums = flash_vanilla_attention(q, k, v, hd ** -0.5, seq, weights)
-    kept = out.detach().clone()
-    monkeypatch.setattr(kernels, "_flash_bwd", broken)
-    with pytest.raises(RuntimeError, match="kernel failed"):
-        torch.autograd.grad(losses["out+sums"](out, sums), (q, k, v))
-    assert torch.equal(out.detach(), kept)  # the shift was undone
-
-
-def test_flash_vanilla_bf16_close_to_fp32():
-    """bf16 on the CPU takes the PyTorch code (shift in bf16, gate logits in fp32): gradients
-    within bf16 rounding of the fp32 ones."""
-    from megasink.model.attention import flash_vanilla_attention
-
-    torch.manual_seed(0)
-    B, nh, nkv, T, hd = 2, 4, 2, 32, 16
-    q32 = torch.randn(B, T, nh, hd).transpose(1, 2)
-    k32, v32 = (torch.randn(B, T, nkv, hd).transpose(1, 2) for _ in range(2))
-    seq = SeqInfo.build(torch.zeros(B, T, dtype=torch.long), packed_doc_ids(B, T, (11, 20)))
-    weights = token_weights(seq, "vanilla")
-    r_out, r_sum = torch.randn(B, nh, T, hd), torch.randn(nh)
-    grads = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        q, k, v = (x.to(dtype).requires_grad_() for x in (q32, k32, v32))
-        out, sums = flash_vanilla_attention(q, k, v, hd ** -0.5, seq, weights)
-        assert sums.dtype == torch.float32
-        loss = (out.float() * r_out).sum() + (sums * r_sum).sum()
-        grads[dtype] = [g.float() for g in torch.autograd.grad(loss, (q, k, v))]
-    for a, b in zip(grads[torch.bfloat16], grads[torch.float32]):
-        assert (a - b).norm() <= 2e-2 * b.norm()
-
-
-@pytest.mark.skipif(not cpu_fused.enabled, reason="numba is not installed (requirements.txt installs it)")
-def test_cpu_fused_falls_back_when_numba_fails(monkeypatch):
-    """No writable cache: compiled without one. numba failing altogether: a warning, and the
-    PyTorch ops from then on (training goes on)."""
-    compile_ = cpu_fused._compile
-    q = torch.randn(1, 8, 2, 4).transpose(1, 2)
-    monkeypatch.setattr(cpu_fused, "enabled", True)  # restored afterwards: later tests keep numba
-
-    def no_cache(cache):
-        if cache:
-            raise RuntimeError("cannot cache function: no locator available")
-        return compile_(cache)
-
-    monkeypatch.setattr(cpu_fused, "_kernels", None)
-    monkeypatch.setattr(cpu_fused, "_compile", no_cache)
-    assert cpu_fused.usable(q) and cpu_fused._kernels is not None
-
-    def broken(cache):
-        raise ImportError("numba is broken")
-
-    monkeypatch.setattr(cpu_fused, "_kernels", None)
-    monkeypatch.setattr(cpu_fused, "_compile", broken)
-    with pytest.warns(UserWarning, match="numba loops unavailable"):
-        assert not cpu_fused.usable(q)
-    assert not cpu_fused.enabled and not cpu_fused.usable(q)

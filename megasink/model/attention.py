@@ -1,6 +1,6 @@
 """Grouped-query attention with the three gate variants of sink-aware training.
 
-Every head's output is scaled by a gate G[t, h] (DESIGN.md section 1):
+Every head's output is scaled by a gate G[t, h] (docs/design.md, "The method"):
 
 - vanilla: G = 1 - A[t, first token of t's document] = -expm1(s0 - lse), s0 = q_t . k_0 * scale.
   Implicit: the output is plain softmax attention; G only measures how much the head does.
@@ -10,8 +10,7 @@ Every head's output is scaled by a gate G[t, h] (DESIGN.md section 1):
            out = O * G.
 
 ``Attention.forward`` returns the gates, (B, nh_local, T) fp32, or given token weights their
-per-head sums, (nh_local,), what importance.py needs (vanilla with the flash backend computes
-them inside one op with the kernel: ``FlashVanilla``). Head counts are inferred from the
+per-head sums, (nh_local,), what importance.py needs. Head counts are inferred from the
 projection shapes (reshape with -1), so tensor parallelism only swaps in sharded linears and
 sharded sink/gate parameters.
 """
@@ -21,145 +20,25 @@ import torch
 from torch import nn
 
 from megasink.config import ATTENTION_VARIANTS, ModelConfig
-from megasink.model import cpu_fused
 from megasink.model.importance import gate_sum
-from megasink.model.kernels import (FactoredGrad, SeqInfo, acc_dtype, as_dense, attention_with_lse,
-                                     flash_backward, flash_forward, flash_inputs)
+from megasink.model.kernels import SeqInfo, acc_dtype, attention_with_lse
 from megasink.model.layers import apply_rope
 
 
 def vanilla_gate(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, seq: SeqInfo, scale: float) -> torch.Tensor:
-    """1 - weight on the document's first token. q (B, nh, T, hd), k (B, nkv, T, hd), lse (B, nh, T)."""
-    first_idx = None if seq.doc_ids is None else seq.first_idx
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or lse.requires_grad):
-        return VanillaGate.apply(q, k, lse, first_idx, scale)
-    return -torch.expm1(_log_first_weight(q, k, lse, first_idx, scale))  # measured only
-
-
-def _log_first_weight(q, k, lse, first_idx, scale):
-    """s0 - lse (B, nh, T) in lse's dtype: the log of each token's weight on its document's
-    first key, s0 = q[t] . k[first(t)] * scale; ``first_idx`` None: one document per row.
-    A fused loop on the CPU (cpu_fused), else PyTorch ops: a batched matrix-vector product
-    for one document per row, else token-major (the layout q, k, v have as views of their
-    projections), where picking each token's first key is a row copy."""
-    if cpu_fused.usable(q, k) and lse.dtype == q.dtype:
-        return cpu_fused.log_first_weight(q, k, lse, first_idx, scale)
+    """G = 1 - A[t, first(t)] = -expm1(s0 - lse), s0[t] = q[t] . k[first(t)] * scale, the weight
+    each token keeps off its document's first key. q (B, nh, T, hd), k (B, nkv, T, hd), lse
+    (B, nh, T) -> G (B, nh, T) in lse's dtype. Plain ops: autograd (and torch.compile) see it
+    all, every route shares it. The product runs in lse's dtype (fp32 for half types)."""
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
     acc = lse.dtype
-    if first_idx is None:
-        s0 = torch.einsum("bngtd,bnd->bngt", q.unflatten(1, (nkv, nh // nkv)).to(acc), k[:, :, 0].to(acc))
-        return s0.reshape(B, nh, T) * scale - lse
-    k0 = _first_keys(k, first_idx)  # (B, T, nkv, hd)
-    qt = q.transpose(1, 2).unflatten(2, (nkv, nh // nkv))  # (B, T, nkv, g, hd)
-    s0 = (qt.to(acc) * k0[:, :, :, None].to(acc)).sum(-1).flatten(2).transpose(1, 2)
-    return s0 * scale - lse
-
-
-def add_first_key_grads_(dq, dk, q, k, w, first_idx) -> None:
-    """In place, the gradient of s0[t] = q[t] . k[first(t)] * scale given w = dL/ds0 * scale
-    (B, nh, T): dq[t] += w[t] k[first(t)], dk[first(t)] += sum over t's query-head group of
-    w[t] q[t]. dq, dk any strides (the kernel's gradients, or zeros). Fused on the CPU; in
-    PyTorch ops kv heads broadcast over their query-head group, token-major, and dk by an
-    accumulating index_put_ of rows in fp32 or wider (autograd of the plain expression repeats k
-    to every query head and scatters along a strided dim: ~10 full-size passes). w a tensor or
-    a kernels.FactoredGrad."""
-    if cpu_fused.usable(q, k, dq, dk):
-        cpu_fused.add_first_key_grads_(dq, dk, q, k, w, first_idx)
-        return
-    w = as_dense(w).to(q.dtype)
-    B, nh, T, hd = q.shape
-    nkv = dk.shape[1]
-    g = nh // nkv
-    if first_idx is None:
-        w = w.view(B, nkv, g, T, 1)
-        dq.unflatten(1, (nkv, g)).addcmul_(w, k[:, :, None, :1])
-        dk[:, :, 0] += (w * q.unflatten(1, (nkv, g))).sum((2, 3))
-        return
-    k0 = _first_keys(k, first_idx)  # (B, T, nkv, hd)
-    wt = w.transpose(1, 2).contiguous().view(B, T, nkv, g, 1)  # token-major, as q, k0
-    dq.transpose(1, 2).unflatten(2, (nkv, g)).addcmul_(wt, k0[:, :, :, None])
-    acc = acc_dtype(q.dtype)  # a document's terms summed in fp32 for half types, rounded once
-    dk0 = (wt.to(acc) * q.transpose(1, 2).unflatten(2, (nkv, g)).to(acc)).sum(3)  # (B, T, nkv, hd)
-    starts = torch.zeros_like(dk0).index_put_((torch.arange(B, device=q.device)[:, None], first_idx), dk0,
-                                              accumulate=True)  # every token's term onto its document's first key
-    dk.transpose(1, 2).add_(starts.to(dk.dtype))
-
-
-def _flat_first(first_idx: torch.Tensor) -> torch.Tensor:
-    """(B * T,) row of each token's document start in a (B * T, ...) token-major view."""
-    B, T = first_idx.shape
-    return (first_idx + torch.arange(B, device=first_idx.device)[:, None] * T).reshape(-1)
-
-
-def _first_keys(k: torch.Tensor, first_idx: torch.Tensor) -> torch.Tensor:
-    """(B, T, nkv, hd): the key of each token's document start, token-major."""
-    B, nkv, T, hd = k.shape
-    rows = k.transpose(1, 2).reshape(B * T, nkv * hd)  # a view when k is a projection's view
-    return rows.index_select(0, _flat_first(first_idx)).view(B, T, nkv, hd)
-
-
-class VanillaGate(torch.autograd.Function):
-    """G = -expm1(s0 - lse), s0[t] = q[t] . k[first(t)] * scale, with a hand-written backward,
-    for kernels whose lse is an autograd output (eager, flex; the flash backend fuses it:
-    ``FlashVanilla``): ds0 = -dG * exp(s0 - lse), dlse = -ds0, dq and dk by
-    ``add_first_key_grads_``. ``first_idx`` None: one document per row.
-    Checked against autograd of the plain expression and eager attention."""
-
-    @staticmethod
-    def forward(ctx, q, k, lse, first_idx, scale):
-        x = _log_first_weight(q, k, lse, first_idx, scale)
-        ctx.save_for_backward(q, k, torch.exp(x))
-        ctx.scale, ctx.first_idx = scale, first_idx
-        return -torch.expm1(x)  # exact also for gates near 0
-
-    @staticmethod
-    def backward(ctx, dgate):
-        q, k, p0 = ctx.saved_tensors
-        dlse = dgate * p0  # dG/dlse = p0 = -dG/ds0
-        dq = torch.zeros_like(q)  # q's strides
-        B, nkv, T, hd = k.shape
-        dk = q.new_zeros(B, T, nkv, hd).transpose(1, 2)  # token-major, as the CPU loops take it
-        add_first_key_grads_(dq, dk, q, k, dlse * -ctx.scale, ctx.first_idx)
-        return dq, dk, dlse, None, None
-
-
-class FlashVanilla(torch.autograd.Function):
-    """The fused flash kernel and the vanilla gate's weighted sums as one op:
-    (q, k, v, token weights (B, T)) -> (out, S (nh,)), S[h] = sum over t of weight[t] G[t, h].
-
-    Same forward as ``FlashAttentionLSE`` + ``VanillaGate`` + ``importance.gate_sum``; the
-    backward takes dO and dS: dG[t, h] = dS[h] weight[t] and dLSE = dG p0 reach the kernel's
-    backward (``kernels.flash_backward``, the shifted O) and the gate's q . k0 gradient (added
-    in place to the kernel's fresh dq and dk) as a ``FactoredGrad``, which the CPU loops read
-    without forming it (the PyTorch ops, CUDA and bf16, form it). The aux loss thus costs no
-    zero-filled buffers, gradient sums or autograd nodes of its own."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, mask, first_idx, weights):
-        ctx.set_materialize_grads(False)
-        out, lse, extras = flash_forward(q, k, v, scale, mask)
-        x = _log_first_weight(q, k, lse, first_idx, scale)
-        weights = weights.to(x.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, torch.exp(x), weights)
-        ctx.scale, ctx.mask, ctx.extras, ctx.first_idx = scale, mask, extras, first_idx
-        return out, gate_sum(torch.expm1(x).neg_(), weights)  # G = 1 - exp(x), exact also for gates near 0
-
-    @staticmethod
-    def backward(ctx, dout, dsums):
-        q, k, v, out, lse, p0, weights = ctx.saved_tensors
-        dlse = None if dsums is None else FactoredGrad(dsums, weights, p0)  # dG/dlse = p0 = -dG/ds0
-        dq, dk, dv = flash_backward(dout, dlse, q, k, v, out, lse, ctx.scale, ctx.mask, ctx.extras)
-        if dlse is not None:
-            add_first_key_grads_(dq, dk, q, k, dlse._replace(head=dsums * -ctx.scale), ctx.first_idx)
-        return dq, dk, dv, None, None, None, None
-
-
-def flash_vanilla_attention(q, k, v, scale: float, seq: SeqInfo, weights: torch.Tensor):
-    """(out (B, nh, T, hd), S (nh,) fp32): flash attention and the sums of its vanilla gate over
-    tokens weighted by ``weights`` (B, T), differentiable."""
-    q, k, v, mask = flash_inputs(q, k, v, seq)
-    return FlashVanilla.apply(q, k, v, scale, mask, None if seq.doc_ids is None else seq.first_idx, weights)
+    rows = k.transpose(1, 2).reshape(B * T, nkv, hd)  # token-major, (B*T, nkv, hd)
+    starts = (seq.first_idx + torch.arange(B, device=q.device)[:, None] * T).reshape(-1)  # (B*T,)
+    k0 = rows.index_select(0, starts).view(B, T, nkv, 1, hd)  # each token's first key
+    qt = q.transpose(1, 2).reshape(B, T, nkv, nh // nkv, hd)  # (B, T, nkv, group, hd)
+    s0 = (qt.to(acc) * k0.to(acc)).sum(-1).view(B, T, nh).transpose(1, 2)  # (B, nh, T)
+    return -torch.expm1(s0 * scale - lse)  # exact also for gates near 0
 
 
 def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -214,7 +93,8 @@ class Attention(nn.Module):
         if self.variant == "vanilla":
             out, g = self._vanilla(q, k, v, seq, backend, weights)
         else:
-            out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
+            out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale,
+                                          lse_grad=self.variant == "sink")  # gated: lse unused
             if self.variant == "sink":
                 gate = sink_gate(lse, self.sinks)
             else:
@@ -228,9 +108,7 @@ class Attention(nn.Module):
         """(out, g) as forward returns them: g differentiable when the aux loss is on, measured
         without a graph when only read, None when nobody reads it."""
         with_grad = torch.is_grad_enabled() and self.gate_needs_grad
-        if with_grad and backend == "flash" and weights is not None:  # gate and sums fused into the kernel op
-            return flash_vanilla_attention(q, k, v, self.scale, seq, weights)
-        out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale)
+        out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale, lse_grad=with_grad)
         if not (with_grad or self.measure_gate):
             return out, None  # not measured this step: the caller reads no importance
         with torch.set_grad_enabled(with_grad):

@@ -115,6 +115,7 @@ class Transformer(nn.Module):
     def run_layers(self, h: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, T, d) -> (h, gate_sums (L_local, H_local), count ())."""
         backend = self.backend_for(h.device)
+        seq.prepare(backend, h.dtype)  # the route's masks / offsets, once, before any (compiled) block
         cos, sin = self.rope(seq.positions)
         weights = imp_lib.token_weights(seq, self.cfg.attention)  # (B, T)
         sums = []

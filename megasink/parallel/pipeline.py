@@ -92,6 +92,7 @@ class BlockPipe(nn.Module):
         seq = SeqInfo.build(doc_ids, doc_ids)
         cos, sin = self.rope(seq.positions)
         backend = resolve_backend(self.backend_name, h.device, torch.is_grad_enabled() and self.lse_grad)
+        seq.prepare(backend, h.dtype)
         block = self.layers[str(self.index)]
         weights = imp_lib.token_weights(seq, self.variant)
         if self.checkpointing and torch.is_grad_enabled():
