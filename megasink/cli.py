@@ -1,15 +1,16 @@
-"""``megasink`` console script: ``megasink train CONFIG.yaml [a.b=value ...]``."""
+"""``megasink`` console script: ``megasink train CONFIG.yaml [a.b=value ...]``, ``megasink eval CKPT --tasks ...``."""
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "megasink.train.main"}
+COMMANDS = {"train": "megasink.train.main", "eval": "megasink.eval.harness"}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: megasink {train} ...\n\n  train CONFIG.yaml [key=value ...]   train a model (megasink train -h)",
+        print("usage: megasink {train,eval} ...\n\n  train CONFIG.yaml [key=value ...]   train a model (megasink train -h)\n"
+              "  eval RUN_OR_CKPT --tasks T1,T2      lm-evaluation-harness tasks (megasink eval -h)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib

@@ -1,4 +1,10 @@
-"""Small helpers shared across the package: atomic file writes, logging to rank 0."""
+"""Small helpers shared across the package: atomic file writes and the modes of written files.
+
+Every file megasink writes gets the mode a plain ``open()`` would give it under the
+process umask (0644 under umask 022), so teammates on a shared cluster can read exports,
+corpora and checkpoints. Writers that create files with a fixed owner-only mode
+(``tempfile.mkstemp``, safetensors' ``save_file``) go through ``set_default_mode``.
+"""
 from __future__ import annotations
 
 import json
@@ -13,6 +19,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -31,6 +38,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0o666 without the process umask's bits."""
+    try:  # Linux >= 4.7 reports the umask without changing it
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)  # read it by setting it, then put it back
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` (written by a library that creates owner-only files) the plain-open() mode."""
+    os.chmod(path, default_file_mode())
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

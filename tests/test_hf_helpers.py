@@ -1,4 +1,5 @@
-"""Helpers (no tests) shared by test_hf.py and test_diagnose.py: a tiny sentencepiece model, tiny HF models."""
+"""Helpers (no tests) shared by the HF, diagnosis and evaluation tests: a tiny sentencepiece model, text
+encoded with it as an indexed dataset, tiny HF models."""
 from __future__ import annotations
 
 import inspect
@@ -41,6 +42,22 @@ def train_spm(out_dir: Path, vocab_size: int = SPM_VOCAB, model_type: str = "bpe
         minloglevel=2, num_threads=2,
     )
     return prefix.with_suffix(".model")
+
+
+def write_tokenized(prefix: Path, texts: list, spm_path: Path) -> str:
+    """texts encoded with a sentencepiece model plus EOS (as the preprocessor does) as an indexed dataset."""
+    import numpy as np
+    import sentencepiece as spm
+
+    from megasink.data.indexed import IndexedDatasetWriter
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    w = IndexedDatasetWriter(prefix, np.uint16)
+    for t in texts:
+        w.add_document(np.asarray(sp.encode(t) + [sp.eos_id()]))
+    w.finalize()
+    w.commit()
+    return str(prefix)
 
 
 def tiny_llama_config(**kw):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_utils import run_distributed
+from dist_utils import free_port, run_distributed
 from train_utils import TINY, losses, train_worker
 
 CONFIG = "configs/tiny-sink.yaml"
@@ -90,6 +90,68 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path):
     assert "resumed from" in proc.stdout + proc.stderr and "step_2" in proc.stdout + proc.stderr
     assert (ckpts / "latest").read_text().strip() == "step_6"
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]  # steps 3-4 re-done after the crash
+
+
+def _umask_027():
+    os.umask(0o027)
+
+
+@pytest.mark.slow
+def test_resume_skips_a_damaged_latest_on_every_rank(tmp_path):
+    """A kill left step_4 damaged and a half-written metrics line: two ranks resume from step_2
+    (rank 0 decides), re-do steps 3-4 and log every step once; every file gets the umask's mode."""
+    from train_utils import read_metrics
+
+    run_dir = tmp_path / "run"
+    args = [CONFIG, *TINY, f"run_dir={run_dir}", "train.save_interval=2", "train.keep_last=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, "-m", "megasink.train", *args, "train.steps=4"], cwd=REPO, env=env,
+                           capture_output=True, text=True, preexec_fn=_umask_027, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    damaged = run_dir / "checkpoints" / "step_4" / "optim.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    second = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             str(free_port()), "-m", "megasink.train", *args, "train.steps=6"], cwd=REPO, env=env,
+                            capture_output=True, text=True, preexec_fn=_umask_027, timeout=300)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert f"{damaged} is" in out and "resuming from step_2, the newest complete checkpoint" in out, out[-3000:]
+    assert "at step 2" in out
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_4", "step_6"]
+    reference = tmp_path / "reference"
+    subprocess.run(["bash", "-c", f"umask 027 && : > {reference}"], check=True)
+    files = {str(p.relative_to(run_dir)): oct(p.stat().st_mode & 0o777) for p in run_dir.rglob("*") if p.is_file()}
+    assert files == {name: oct(reference.stat().st_mode & 0o777) for name in files}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,exit_code", [("one process", 0), ("torchrun", 1)])
+def test_sigterm_checkpoints_and_exits_as_the_readme_says(tmp_path, launcher, exit_code):
+    """SIGTERM to the launched command: every rank saves and writes PREEMPTED. One process exits
+    0; torchrun forwards the signal, its worker exits 0, and torchrun itself exits 1
+    (SignalException, its own handling): the README and the Slurm scripts rely on the marker."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    cmd = ["-m", "megasink.train", CONFIG, *TINY, f"run_dir={run_dir}", "train.steps=500"]
+    if launcher == "torchrun":
+        cmd = ["-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()), *cmd]
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 240
+        while "step      2 |" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=240)
+    text = log.read_text()
+    step = int((run_dir / "PREEMPTED").read_text())
+    assert rc == exit_code and f"saved {run_dir}/checkpoints/step_{step} at step {step}" in text, text[-3000:]
 
 
 def _cli(*args):

@@ -19,6 +19,7 @@ from megasink.data.blending import BlendedDataset
 from megasink.data.indexed import exists
 from megasink.data.outputs import SHARD_DIGITS, find_shards, meta_path, valid_prefix
 from megasink.data.packing import PackedDataset, SyntheticDataset
+from megasink.errors import DataError
 
 SPLITS = ("train", "valid")
 VALID_SUFFIX = "_valid"
@@ -30,7 +31,7 @@ def parse_data_paths(entries, key: str = "data.path") -> list[tuple[Optional[flo
     for entry in entries or []:
         tokens.extend(str(entry).split())
     if not tokens:
-        raise ValueError(f"{key} is empty: give dataset prefixes (PREFIX or 'WEIGHT PREFIX') or 'synthetic'")
+        raise DataError(f"{key} is empty: give dataset prefixes (PREFIX or 'WEIGHT PREFIX') or 'synthetic'")
     out: list[tuple[Optional[float], str]] = []
     i = 0
     while i < len(tokens):
@@ -40,14 +41,14 @@ def parse_data_paths(entries, key: str = "data.path") -> list[tuple[Optional[flo
             i += 1
             continue
         if i + 1 >= len(tokens) or _as_weight(tokens[i + 1]) is not None:
-            raise ValueError(f"{key}: weight {tokens[i]} is not followed by a dataset prefix")
+            raise DataError(f"{key}: weight {tokens[i]} is not followed by a dataset prefix")
         if weight <= 0:
-            raise ValueError(f"{key}: weight {tokens[i]} of {tokens[i + 1]} must be positive")
+            raise DataError(f"{key}: weight {tokens[i]} of {tokens[i + 1]} must be positive")
         out.append((weight, tokens[i + 1]))
         i += 2
     weighted = {w is not None for w, _ in out}
     if len(weighted) > 1:
-        raise ValueError(f"{key}: give a weight for every prefix or for none ({entries})")
+        raise DataError(f"{key}: give a weight for every prefix or for none ({entries})")
     return out
 
 
@@ -101,7 +102,7 @@ def _check_meta(meta: Optional[dict], prefix: str, vocab_size: int, tokenizer: s
         return
     tok = meta.get("tokenizer", {})
     if tok.get("vocab_size", 0) > vocab_size:
-        raise ValueError(
+        raise DataError(
             f"dataset {prefix} was tokenized with a vocabulary of {tok['vocab_size']} ({tok.get('model')}), "
             f"larger than model.vocab_size={vocab_size}"
         )
@@ -109,7 +110,7 @@ def _check_meta(meta: Optional[dict], prefix: str, vocab_size: int, tokenizer: s
         with open(tokenizer, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         if digest != tok["sha256"]:
-            raise ValueError(
+            raise DataError(
                 f"dataset {prefix} was tokenized with {tok.get('model')} (sha256 {tok['sha256'][:12]}…), "
                 f"not with data.tokenizer={tokenizer} (sha256 {digest[:12]}…)"
             )
@@ -125,7 +126,7 @@ def _packed(prefix: str, seq_len: int, vocab_size: int, tokenizer: str, key: str
         bpt = meta.get("splits", {}).get(split, {}).get("bytes_per_token")
     ds = PackedDataset(files, seq_len, bytes_per_token=bpt, name=prefix)
     if len(ds) == 0:
-        raise ValueError(f"{key}: dataset {prefix} has {ds.num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        raise DataError(f"{key}: dataset {prefix} has {ds.num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     return ds
 
 
@@ -159,7 +160,7 @@ def build_dataset(data_cfg, seq_len: int, vocab_size: int, seed: int, split: str
     if [p.strip().lower() for p in paths] == ["synthetic"]:
         return SyntheticDataset(seq_len, vocab_size, seed, stream=SPLITS.index(split), documents=data_cfg.synthetic_docs)
     if any(p.strip().lower() == "synthetic" for p in paths):
-        raise ValueError(f"data.path: 'synthetic' cannot be mixed with dataset prefixes ({paths})")
+        raise DataError(f"data.path: 'synthetic' cannot be mixed with dataset prefixes ({paths})")
     entries, key = _split_entries(data_cfg, split)
     datasets = [_packed(prefix, seq_len, vocab_size, data_cfg.tokenizer, key) for _, prefix in entries]
     if len(datasets) == 1:

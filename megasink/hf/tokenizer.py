@@ -105,3 +105,17 @@ def load_encoder(path: str | os.PathLike) -> Callable[[str], list]:
 
     tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)  # no prompt for the model's code
     return lambda text: list(tok(text)["input_ids"])
+
+
+def load_decoder(path: str | os.PathLike) -> Callable[[list], str]:
+    """token ids -> text, the inverse of ``load_encoder``: control and special tokens (EOS, BOS) are dropped."""
+    p = Path(path)
+    if p.is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(p))
+        return lambda ids: sp.decode([int(i) for i in ids])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    return lambda ids: tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from megasink.config import ModelConfig
+from megasink.utils import atomic_write_bytes
 
 # Dense bf16 peak FLOP/s by device name fragment; CPU is an assumption (stated in the log).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
@@ -70,20 +71,34 @@ def save_importance_heatmap(imp, cv, path: str | os.PathLike, title: str = "") -
 
 
 class MetricsLogger:
+    """Rank 0's ``metrics.jsonl`` and TensorBoard events (other ranks: a no-op).
+
+    ``start(step)`` opens them for a run that continues after ``step`` (0: a fresh start).
+    Records of later steps, left by an earlier run that got further before it was killed,
+    and a partial last line are dropped, and TensorBoard purges its events from ``step + 1``
+    on, so every step appears once even when a resume re-does steps."""
+
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
+        self.tensorboard = tensorboard
         self.tb = None
-        if enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
+        self._file = None
 
-                    self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-                except ImportError:  # tensorboard is optional at run time
-                    self.tb = None
+    def start(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "metrics.jsonl"
+        drop_records_after(path, step)
+        self._file = open(path, "a", buffering=1)
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
 
     def log(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -110,7 +125,27 @@ class MetricsLogger:
         return path
 
     def close(self) -> None:
-        if self.enabled:
+        if self._file is not None:
             self._file.close()
-            if self.tb is not None:
-                self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep only the complete records of steps <= ``step`` in the metrics.jsonl at ``path``
+    (rewritten atomically, and only when something goes)."""
+    if not path.exists():
+        return
+    *lines, partial = path.read_bytes().split(b"\n")  # partial: what follows the last newline
+    kept = [line for line in lines if (s := _record_step(line)) is not None and s <= step]
+    if partial or len(kept) != len(lines):
+        atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
+
+
+def _record_step(line: bytes) -> Optional[int]:
+    """The ``step`` of one metrics.jsonl line, or None when the line is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megasink.config import Config, save_config
+from megasink.errors import UserError
 from megasink.parallel import engine as eng
 from megasink.parallel.dims import ParallelDims
 from megasink.parallel.state_utils import gather_tp_tensor, slice_tp_tensor
@@ -131,9 +133,34 @@ def load_training_state(engine, ckpt_dir: Path, dims: ParallelDims,
 
 
 def find_resume_dir(cfg: Config) -> Optional[Path]:
+    """The checkpoint this run resumes from (None: a fresh start), the same on every rank.
+
+    Collective when a process group is up: rank 0 inspects the files and broadcasts its
+    choice, or the error that stops every rank. ``train.resume: auto`` skips a damaged
+    ``latest`` for the newest complete checkpoint and says so."""
+    choice = error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            choice = _pick_resume_dir(cfg)
+        except (UserError, OSError) as e:
+            error = e if isinstance(e, UserError) else ckpt.CheckpointError(f"train.resume={cfg.train.resume}: {e}")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [choice and str(choice), error and str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if dist.get_rank() != 0:
+            choice, error = box[0] and Path(box[0]), box[1] and ckpt.CheckpointError(box[1])
+    if error:
+        raise error
+    return choice
+
+
+def _pick_resume_dir(cfg: Config) -> Optional[Path]:
     r = cfg.train.resume
     if r == "none":
         return None
-    if r == "auto":
-        return ckpt.latest_checkpoint(cfg.run_dir)
-    return ckpt.resolve_checkpoint_dir(r)
+    if r != "auto":
+        return ckpt.resolve_checkpoint_dir(r)
+    choice, note = ckpt.resume_candidate(Path(cfg.run_dir) / "checkpoints")
+    if note:
+        print(f"[megasink] warning: {note}", file=sys.stderr, flush=True)
+    return choice

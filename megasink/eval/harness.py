@@ -1,0 +1,208 @@
+"""``megasink eval``: downstream evaluation with EleutherAI's lm-evaluation-harness.
+
+A megasink checkpoint (run, checkpoints/ or step directory; any training layout) is exported
+to a temporary Hugging Face directory (megasink/hf/export.py: vanilla as LlamaForCausalLM,
+sink / gated with their modeling code, loaded with ``trust_remote_code``) and evaluated there
+with lm-eval's ``HFLM``, so every lm-eval task type works, generation included. An HF model
+directory is evaluated as it is.
+
+Documents in megasink's data end with EOS and carry no BOS, so a text starts after an EOS in
+training: the model's EOS is lm-eval's prefix token (what a rolling window or an empty context
+conditions on). Outputs in ``--out``: ``results.json`` (lm-eval's results plus a ``megasink``
+block) and ``results.md`` (lm-eval's markdown table, also printed).
+
+Offline, tasks come from local YAMLs (``dataset_path: json`` with absolute ``data_files``, as
+tools/make_eval_task.py writes) with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+LM_EVAL_HINT = "pip install 'lm-eval[hf]==0.4.13' (make installs it)"
+
+
+@dataclass
+class HFModel:
+    """An HF directory ready for lm-eval."""
+
+    path: Path
+    remote_code: bool  # sink / gated: modeling code in the directory
+    prefix_token_id: Optional[int]  # None: lm-eval's default (BOS, else EOS)
+    checkpoint: Optional[Path] = None  # the megasink step directory it came from
+
+
+def _checkpoint_tokenizer(ckpt: Path, cfg, tokenizer: Optional[str]) -> str:
+    """--tokenizer, the checkpoint's sentencepiece model or imported HF tokenizer; a one-line error if none."""
+    from megasink.hf.tokenizer import HF_TOKENIZER_SUBDIR, find_spm_model
+
+    spm = find_spm_model(ckpt, cfg.data.tokenizer, tokenizer)
+    if spm is not None:
+        return str(spm)
+    if (ckpt / HF_TOKENIZER_SUBDIR).is_dir():
+        return ""  # the exporter copies it
+    data = ", ".join(map(str, cfg.data.path))
+    raise ValueError(f"{ckpt} has no tokenizer (data.path: {data}; trained on synthetic token ids?): lm-eval "
+                     "evaluates text; pass --tokenizer MODEL.model if it was trained on tokenized text")
+
+
+def prepare_model(path, tmp_dir, tokenizer: Optional[str] = None) -> HFModel:
+    """An HF directory for ``path``: the directory itself, or a megasink checkpoint exported into tmp_dir."""
+    from megasink.config import load_config
+    from megasink.hf import convert_checkpoint, is_hf_dir
+    from megasink.train.checkpoint import resolve_checkpoint_dir
+
+    if is_hf_dir(path):
+        hf_cfg = json.loads((Path(path) / "config.json").read_text())
+        return HFModel(Path(path), "auto_map" in hf_cfg, None)
+    ckpt = resolve_checkpoint_dir(path)
+    cfg = load_config(ckpt / "config.yaml")
+    tok = _checkpoint_tokenizer(ckpt, cfg, tokenizer)
+    out = convert_checkpoint(ckpt, Path(tmp_dir) / "hf", tokenizer=tok or None, progress=False)
+    eos = json.loads((out / "config.json").read_text()).get("eos_token_id")
+    return HFModel(out, cfg.model.attention != "vanilla", eos, ckpt)
+
+
+def task_manager(tasks: list, include_path: Optional[str]):
+    """lm-eval's TaskManager knowing every task in ``tasks``; indexes the built-in tasks (~30 s)
+    only when --include-path does not hold them all."""
+    from lm_eval.tasks import TaskManager
+
+    def missing(tm) -> list:
+        return [t for t in tasks if not tm.match_tasks([t])]
+
+    if include_path:
+        if not Path(include_path).is_dir():
+            raise FileNotFoundError(f"--include-path {include_path}: no such directory")
+        tm = TaskManager(include_path=include_path, include_defaults=False)
+        if not missing(tm):
+            return tm
+    tm = TaskManager(include_path=include_path)
+    if missing(tm):
+        where = f" nor in --include-path {include_path}" if include_path else ""
+        raise ValueError(f"unknown task(s) {', '.join(missing(tm))}: not lm-eval tasks{where} "
+                         "(list them with `lm-eval ls tasks`)")
+    return tm
+
+
+def run_lm_eval(model: HFModel, tasks: list, num_fewshot: Optional[int] = None, limit: Optional[float] = None,
+                batch_size: int = 8, include_path: Optional[str] = None, device: str = "cpu",
+                dtype: str = "float32", seed: int = 1234) -> dict:
+    """lm-eval's ``simple_evaluate`` result dict for the HF directory of ``model``."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        raise ImportError(f"lm-eval is not installed ({e}): {LM_EVAL_HINT}") from None
+
+    tm = task_manager(tasks, include_path)
+    lm = HFLM(pretrained=str(model.path), trust_remote_code=model.remote_code, device=device,
+              batch_size=batch_size, dtype=dtype, prefix_token_id=model.prefix_token_id)
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                   log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                   torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def results_table(results: dict) -> str:
+    """lm-eval's markdown tables: tasks, then groups when there are any."""
+    from lm_eval.utils import make_table
+
+    table = make_table(results)
+    if results.get("groups"):
+        table += "\n" + make_table(results, "groups")
+    return table
+
+
+def write_results(results: dict, out_dir, info: dict) -> tuple[Path, Path]:
+    """results.json (lm-eval's dict plus ``megasink``: info) and results.md, written atomically."""
+    from lm_eval.utils import handle_non_serializable
+
+    from megasink.utils import atomic_write_text
+
+    out = Path(out_dir)
+    doc = {**results, "megasink": info}
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=2, default=handle_non_serializable,
+                                                       ensure_ascii=False) + "\n")
+    atomic_write_text(out / "results.md", results_table(results))
+    return out / "results.json", out / "results.md"
+
+
+def default_out_dir(path) -> Path:
+    """RUN/eval/step_N for a checkpoint inside a run's checkpoints/ directory; otherwise --out is needed."""
+    from megasink.hf import is_hf_dir
+    from megasink.train.checkpoint import resolve_checkpoint_dir
+
+    if not is_hf_dir(path):
+        ckpt = resolve_checkpoint_dir(path)
+        if ckpt.parent.name == "checkpoints":
+            return ckpt.parent.parent / "eval" / ckpt.name
+    raise ValueError(f"{path} is not a checkpoint inside a run directory: pass --out DIR")
+
+
+def evaluate(path, tasks: list, out_dir=None, tokenizer: Optional[str] = None, **lm_eval_kw) -> tuple[dict, Path]:
+    """Evaluate a megasink checkpoint or HF directory on lm-eval ``tasks``; (results, out dir)."""
+    out = Path(out_dir) if out_dir else default_out_dir(path)
+    with tempfile.TemporaryDirectory(prefix="megasink-eval-") as tmp:
+        model = prepare_model(path, tmp, tokenizer)
+        results = run_lm_eval(model, tasks, **lm_eval_kw)
+    info = {"model": str(path), "checkpoint": str(model.checkpoint) if model.checkpoint else None,
+            "tasks": tasks, "prefix_token_id": model.prefix_token_id}
+    write_results(results, out, info)
+    return results, out
+
+
+def _parse_limit(text: str) -> float:
+    value = float(text)
+    return int(value) if value >= 1 else value
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="megasink eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a megasink checkpoint (any layout) or an HF model directory with lm-evaluation-harness "
+                    "(exported to a temporary HF directory; sink / gated with trust_remote_code). Writes "
+                    "results.json and results.md to --out and prints the table.",
+        epilog="examples:\n"
+               "  megasink eval runs/x --tasks hellaswag,piqa --batch-size 16        (online: hub datasets)\n"
+               "  python tools/make_eval_task.py data/fwe_valid --out tasks/fwe\n"
+               "  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 megasink eval runs/x --include-path tasks/fwe \\\n"
+               "      --tasks megasink_next_passage,megasink_bpb                    (offline: local tasks)")
+    p.add_argument("model", help="megasink run / checkpoints / step directory, or an HF model directory")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names (globs allowed)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per question (default: each task's own)")
+    p.add_argument("--limit", type=_parse_limit, help="at most N examples per task (or a fraction if < 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    p.add_argument("--out", help="output directory (default: RUN/eval/step_N for a run's checkpoint)")
+    p.add_argument("--include-path", help="directory of local task YAMLs (e.g. from tools/make_eval_task.py)")
+    p.add_argument("--tokenizer", help="sentencepiece .model for a checkpoint that does not carry one")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default cuda if present)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype during evaluation (default float32)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of lm-eval's few-shot sampling and generation")
+    args = p.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        results, out = evaluate(args.model, tasks, args.out, args.tokenizer, num_fewshot=args.num_fewshot,
+                                limit=args.limit, batch_size=args.batch_size, include_path=args.include_path,
+                                device=args.device, dtype=args.dtype, seed=args.seed)
+    except (ValueError, OSError, ImportError) as e:  # no tokenizer, unknown task, missing checkpoint or lm-eval
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(results_table(results))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""User errors (bad data, checkpoints that do not fit) are one line and exit 2; bugs keep tracebacks.
+
+One process: ``main()`` in this process. Under torchrun: rank 0 prints the line once, the
+other ranks stay quiet, and no traceback from megasink's code reaches the output.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_utils import free_port
+from train_utils import TINY
+
+CONFIG = "configs/tiny-sink.yaml"
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 128  # TINY's model.vocab_size
+
+
+def _corpus(prefix: Path, docs: int = 40) -> Path:
+    from megasink.data.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    w = IndexedDatasetWriter(prefix, np.uint16)
+    for _ in range(docs):
+        w.add_document(rng.integers(0, VOCAB, size=int(rng.integers(20, 60))))
+    w.finalize()
+    w.commit()
+    return prefix
+
+
+def _truncated_bin(tmp):
+    p = _corpus(tmp / "c")
+    data = Path(f"{p}.bin").read_bytes()
+    Path(f"{p}.bin").write_bytes(data[: len(data) // 2])
+    return [f"data.path=[{p}]"], f"{p}.bin: "
+
+
+def _corrupted_idx(tmp):
+    p = _corpus(tmp / "c")
+    with open(f"{p}.idx", "r+b") as f:
+        f.write(b"NOTMMAP")
+    return [f"data.path=[{p}]"], f"{p}.idx: not a Megatron indexed dataset index"
+
+
+def _vocab_too_small(tmp):
+    p = _corpus(tmp / "c")
+    Path(f"{p}.meta.json").write_text(json.dumps({"tokenizer": {"vocab_size": 4 * VOCAB, "model": "t.model"}}))
+    return [f"data.path=[{p}]"], f"larger than model.vocab_size={VOCAB}"
+
+
+def _init_from_other_shape(tmp):
+    import megasink
+    from megasink.train.checkpoint import save_model_checkpoint
+
+    cfg = megasink.load_config(CONFIG, TINY + ["model.d_model=32"])
+    save_model_checkpoint(megasink.build_model(cfg.model), cfg, tmp / "other")
+    return [f"train.init_from={tmp / 'other'}"], f"train.init_from={tmp / 'other'}: does not match the model config"
+
+
+CASES = {"truncated_bin": _truncated_bin, "corrupted_idx": _corrupted_idx, "vocab_too_small": _vocab_too_small,
+         "init_from_shape": _init_from_other_shape}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_error_is_one_line_exit_2(tmp_path, case, monkeypatch, capsys):
+    from megasink.train.main import main
+
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    overrides, message = CASES[case](tmp_path)
+    assert main([CONFIG, *TINY, f"run_dir={tmp_path / 'run'}", "train.steps=2", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("megasink: ") and message in err, err
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank0_prints_the_line_once(tmp_path):
+    overrides, message = _truncated_bin(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), "-m", "megasink.train", CONFIG, *TINY,
+                           f"run_dir={tmp_path / 'run'}", *overrides],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count(message) == 1, out[-3000:]
+    assert f'File "{REPO / "megasink"}' not in out, out[-3000:]  # torchrun's own report only

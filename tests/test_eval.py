@@ -1,0 +1,183 @@
+"""Downstream evaluation, offline: tools/make_eval_task.py writes local tasks from a fixture corpus
+(raw or tokenized); ``megasink eval`` runs them with lm-evaluation-harness on tiny trained sink and
+gated checkpoints (through the HF export, remote code); the BPB task's bits/byte equals megasink's
+own rolling-window scoring; a checkpoint without a tokenizer gets a one-line error."""
+import contextlib
+import io
+import json
+import os
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import build_seeded, small_model_cfg
+from data_fixtures import data_documents
+from megasink import load_checkpoint
+from megasink.cli import main as cli_main
+from megasink.config import Config
+from megasink.eval.scoring import bits_per_byte, rolling_windows
+from megasink.eval.tasks import NUM_CHOICES, make_eval_tasks
+from megasink.eval.tasks import main as make_task_main
+from megasink.train.checkpoint import save_model_checkpoint, update_latest
+from test_hf_helpers import MODEL_VOCAB, train_spm, write_tokenized
+
+TASKS = ["megasink_next_passage", "megasink_bpb"]
+NUM_DOCS = 12
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(root, sentencepiece model, validation texts, their .jsonl, task directory)."""
+    root = tmp_path_factory.mktemp("eval_corpus")
+    spm_path = train_spm(root / "spm")
+    texts = [t[:1000].rsplit(" ", 1)[0] if len(t) > 1000 else t for t in data_documents(NUM_DOCS, seed=5)]
+    (root / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert make_task_main([str(root / "valid.jsonl"), "--out", str(root / "tasks"), "--context-words", "24",
+                           "--passage-words", "8"]) == 0
+    return root, spm_path, texts, root / "valid.jsonl", root / "tasks"
+
+
+def _train_tiny(variant, spm_path, texts, run_dir, steps=10):
+    """A tiny model trained a few AdamW steps on the corpus, saved as RUN/checkpoints/step_N."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    ids = torch.tensor(np.concatenate([sp.encode(t) + [sp.eos_id()] for t in texts]))
+    cfg = Config(model=small_model_cfg(variant, vocab_size=MODEL_VOCAB))
+    model = build_seeded(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    T = cfg.model.seq_len
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - T - 1, (4,), generator=g)
+        batch = torch.stack([ids[s:s + T + 1] for s in starts])  # (4, T + 1)
+        out = model(batch[:, :-1], targets=batch[:, 1:])
+        opt.zero_grad()
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+    save_model_checkpoint(model, cfg, run_dir / "checkpoints" / f"step_{steps}", tokenizer=str(spm_path))
+    update_latest(run_dir / "checkpoints", f"step_{steps}")
+    return run_dir
+
+
+@contextlib.contextmanager
+def _offline():
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module", params=["sink", "gated"])
+def evaluated(request, corpus):
+    """One offline `megasink eval` of both generated tasks per variant: (variant, run dir, stdout)."""
+    pytest.importorskip("lm_eval")
+    root, spm_path, texts, _, tasks = corpus
+    run = _train_tiny(request.param, spm_path, texts, root / f"run_{request.param}")
+    stdout = io.StringIO()
+    with _offline(), contextlib.redirect_stdout(stdout):
+        rc = cli_main(["eval", str(run), "--include-path", str(tasks), "--tasks", ",".join(TASKS),
+                       "--batch-size", "16", "--device", "cpu"])
+    assert rc == 0
+    return request.param, run, stdout.getvalue()
+
+
+def test_make_eval_task_files(corpus, tmp_path):
+    root, spm_path, texts, valid, tasks = corpus
+    manifest = json.loads((tasks / "manifest.json").read_text())
+    assert manifest["tasks"] == TASKS and manifest["num_documents"] == NUM_DOCS
+    rows = [json.loads(line) for line in (tasks / "next_passage.jsonl").read_text().splitlines()]
+    assert len(rows) == manifest["num_questions"] >= NUM_DOCS // 2
+    for r in rows:
+        assert len(set(r["choices"])) == NUM_CHOICES and 0 <= r["label"] < NUM_CHOICES
+        doc = next(t for t in texts if t.startswith(r["context"]))  # the context opens a document ...
+        rest = doc[len(r["context"]):]
+        assert rest.lstrip().startswith(r["choices"][r["label"]])  # ... and the gold choice follows it
+        assert len(r["context"].split()) == 24 and all(len(c.split()) == 8 for c in r["choices"])
+    assert len({r["label"] for r in rows}) > 1  # the answer's position varies
+    for name in ("next_passage", "bpb"):
+        cfg = yaml.safe_load((tasks / f"{name}.yaml").read_text())
+        data_file = Path(cfg["dataset_kwargs"]["data_files"]["test"])
+        assert cfg["dataset_path"] == "json" and data_file.is_absolute() and data_file.is_file()
+    bpb_docs = [json.loads(line)["text"] for line in (tasks / "bpb.jsonl").read_text().splitlines()]
+    assert bpb_docs == texts
+    # token ids in, decoded with the tokenizer: the documents of the text input, through sentencepiece
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    write_tokenized(tmp_path / "valid", texts, spm_path)
+    d = make_eval_tasks([str(tmp_path / "valid")], tmp_path / "tok_tasks", tokenizer=str(spm_path), name="tok",
+                        context_words=24, passage_words=8)
+    assert d.tasks == ["tok_next_passage", "tok_bpb"] and d.num_documents == NUM_DOCS
+    decoded = [json.loads(line)["text"] for line in (tmp_path / "tok_tasks" / "bpb.jsonl").read_text().splitlines()]
+    assert decoded == [sp.decode(sp.encode(t)) for t in texts]
+    with pytest.raises(ValueError, match="need their tokenizer"):
+        make_eval_tasks([str(tmp_path / "valid")], tmp_path / "no_tok")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_eval_tasks([str(valid)], tmp_path / "tok_tasks")
+    with pytest.raises(ValueError, match="lower --context-words"):
+        make_eval_tasks([str(valid)], tmp_path / "long", context_words=5000)
+
+
+def test_eval_writes_results_and_table(evaluated):
+    variant, run, stdout = evaluated
+    out = run / "eval" / "step_10"  # the default --out of a run's checkpoint
+    res = json.loads((out / "results.json").read_text())
+    mc, bpb = res["results"]["megasink_next_passage"], res["results"]["megasink_bpb"]
+    assert 0.0 <= mc["acc,none"] <= 1.0 and 0.0 <= mc["acc_norm,none"] <= 1.0
+    assert 0.0 < bpb["bits_per_byte,none"] < 20.0 and bpb["byte_perplexity,none"] > 1.0
+    assert res["megasink"]["checkpoint"].endswith("step_10") and res["megasink"]["prefix_token_id"] == 2
+    table = (out / "results.md").read_text()
+    for text in (table, stdout):
+        assert all(t in text for t in TASKS) and "bits_per_byte" in text and "acc" in text
+    assert f"wrote {out / 'results.json'}" in stdout
+
+
+def test_bpb_task_equals_megasink_scoring(evaluated, corpus):
+    """lm-eval's rolling log-likelihood through the HF export = megasink's forward on the same windows."""
+    import sentencepiece as spm
+
+    variant, run, _ = evaluated
+    _, spm_path, texts, _, _ = corpus
+    res = json.loads((run / "eval" / "step_10" / "results.json").read_text())["results"]["megasink_bpb"]
+    model, cfg = load_checkpoint(run)
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    ours = bits_per_byte(model, texts, sp.encode, sp.eos_id(), cfg.model.seq_len)
+    assert abs(ours - res["bits_per_byte,none"]) <= 1e-3, (ours, res["bits_per_byte,none"])
+    assert max(len(rolling_windows(len(sp.encode(t)), cfg.model.seq_len)) for t in texts) >= 3  # windows roll
+
+
+def test_rolling_windows_cover_each_token_once():
+    for n, L in ((1, 4), (4, 4), (5, 4), (13, 4), (100, 48)):
+        windows = rolling_windows(n, L)
+        assert [t for _, s, e in windows for t in range(s, e)] == list(range(n))
+        for first, start, end in windows:
+            assert end - first <= L and (first == 0 or end - first == L)  # full context once it exists
+
+
+def test_eval_without_tokenizer_is_one_line_error(tmp_path, capsys):
+    cfg = Config(model=small_model_cfg("sink", vocab_size=MODEL_VOCAB))
+    save_model_checkpoint(build_seeded(cfg.model), cfg, tmp_path / "step_1")
+    assert cli_main(["eval", str(tmp_path / "step_1"), "--tasks", "x", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "has no tokenizer" in err and "--tokenizer" in err
+    assert cli_main(["eval", str(tmp_path / "missing"), "--tasks", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "no megasink checkpoint" in capsys.readouterr().err
+
+
+def test_scripts_help(monkeypatch, capsys):
+    for script in ("make_eval_task.py", "ablate_heads.py"):
+        monkeypatch.setattr("sys.argv", [script, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(Path(__file__).parents[1] / "tools" / script), run_name="__main__")
+        assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("megasink.eval", run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 0 and "lm-evaluation-harness" in capsys.readouterr().out

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Head ablation of a megasink checkpoint or HF model directory (see megasink/eval/ablation.py)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megasink.eval.ablation import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
