@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megasink.errors import DataError
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = 34  # 9 header + 8 version + 1 dtype code + 8 sequence count + 8 document count
@@ -44,7 +46,7 @@ DTYPE_CODES = {
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
-class IndexedFormatError(ValueError):
+class IndexedFormatError(DataError):
     """A .bin/.idx pair that does not follow the Megatron indexed format."""
 
 

@@ -19,6 +19,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from megasink.errors import DataError
+
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -115,7 +117,7 @@ class DataLoaderState:
         """Inverse of ``to_dict``; unknown keys are errors."""
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"data loader state has unknown keys {sorted(unknown)}")
+            raise DataError(f"data loader state has unknown keys {sorted(unknown)}")
         return cls(**{k: (bool(v) if k == "shuffle" else int(v)) for k, v in d.items()})
 
 
@@ -139,7 +141,7 @@ class DataLoader:
         self.round_size = micro_batch_size * dp_size
         self.rounds_per_epoch = len(dataset) // self.round_size
         if self.rounds_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"dataset {getattr(dataset, 'name', dataset)!r} has {len(dataset)} samples, fewer than one round of "
                 f"micro_batch_size * dp_size = {self.round_size}: use more data or a smaller batch / seq_len"
             )
@@ -197,18 +199,18 @@ class DataLoader:
         """Continue exactly where the saved loader stopped (same data, seed and ordering)."""
         state = sd if isinstance(sd, DataLoaderState) else DataLoaderState.from_dict(dict(sd))
         if state.num_samples != len(self.dataset):
-            raise ValueError(
+            raise DataError(
                 f"data loader state was saved for a dataset of {state.num_samples} samples, but "
                 f"{getattr(self.dataset, 'name', 'this dataset')} has {len(self.dataset)}: the data, seq_len or "
                 "data.path changed since the checkpoint"
             )
         if state.seed != self.state.seed or state.shuffle != self.state.shuffle:
-            raise ValueError(
+            raise DataError(
                 f"data loader state has seed={state.seed}, shuffle={state.shuffle} but this loader has "
                 f"seed={self.state.seed}, shuffle={self.state.shuffle}: resume with the checkpoint's train.seed"
             )
         if state.consumed % self.round_size:
-            raise ValueError(
+            raise DataError(
                 f"data loader state consumed {state.consumed} samples of epoch {state.epoch}, not a multiple of "
                 f"micro_batch_size * dp_size = {self.round_size}: resume with a layout whose round divides it"
             )

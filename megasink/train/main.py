@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megasink.config import Config, ConfigError, load_config
+from megasink.errors import UserError, report_user_error
 
 EPILOG = """examples:
   megasink train configs/tiny-sink.yaml
@@ -77,7 +78,7 @@ def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
 
 def load_initial_weights(model, cfg: Config) -> None:
     """Fine-tuning: copy a checkpoint's weights into the freshly built model (same architecture)."""
-    from megasink.train.checkpoint import load_model_tensors, resolve_checkpoint_dir
+    from megasink.train.checkpoint import CheckpointError, load_model_tensors, resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(cfg.train.init_from)
     sd = load_model_tensors(ckpt)
@@ -87,13 +88,14 @@ def load_initial_weights(model, cfg: Config) -> None:
     bad = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
     unexpected = [k for k in sd if k not in own]
     if missing or bad or unexpected:
-        raise ValueError(f"train.init_from={ckpt}: does not match the model config "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {bad[:5]})")
+        raise CheckpointError(f"train.init_from={ckpt}: does not match the model config "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {bad[:5]}); "
+                              "the model section must be the checkpoint's")
     model.load_state_dict(sd, strict=False)
     _rank0_print(f"[megasink] initial weights from {ckpt}")
 
 
-def build_everything(cfg: Config, dims):
+def build_everything(cfg: Config, dims, resume_dir=None):
     from megasink.data import build_dataset, build_loader
     from megasink.model.transformer import Transformer
     from megasink.parallel.parallelize import parallelize
@@ -104,9 +106,7 @@ def build_everything(cfg: Config, dims):
     model.activation_checkpointing = cfg.train.activation_checkpointing
     m = cfg.model
     train_ds = build_dataset(cfg.data, m.seq_len, m.vocab_size, cfg.train.seed, split="train")
-    from megasink.train.state import find_resume_dir
-
-    if find_resume_dir(cfg) is None:
+    if resume_dir is None:
         if cfg.train.init_from:
             load_initial_weights(model, cfg)
         setup_shared_heads(model, cfg, dims, train_ds)
@@ -140,10 +140,12 @@ def run(cfg: Config, where: str = "<config>") -> dict:
     from megasink.parallel.dims import init_distributed, teardown_distributed
 
     check_data(cfg)
+    from megasink.train.state import find_resume_dir
     dims = init_distributed(cfg, where)
     try:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        return build_everything(cfg, dims).run()
+        resume_dir = find_resume_dir(cfg)  # collective: the same answer on every rank
+        return build_everything(cfg, dims, resume_dir).run(resume_dir)
     finally:
         teardown_distributed()
 
@@ -151,14 +153,14 @@ def run(cfg: Config, where: str = "<config>") -> dict:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+    """Exit 0 when training ends or stops on a signal (run_dir/PREEMPTED), 2 on a user error
+    (one line on stderr, from rank 0 only); a bug keeps its traceback."""
         cfg = load_config(args.config, args.overrides)
         run(cfg, args.config)
     except ConfigError as e:
-        print(f"megasink: config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"megasink: {e}", file=sys.stderr)
-        return 2
+        return report_user_error("megasink: config error", e)
+    except (UserError, FileNotFoundError) as e:
+        return report_user_error("megasink", e)
     return 0
 
 

@@ -251,13 +251,14 @@ class Trainer:
             print(f"[megasink] {msg}", flush=True)
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
+    def run(self, resume_dir: Optional[Path] = None) -> dict:
+        """Train from ``resume_dir`` (None: from scratch) to train.steps, or until a signal."""
         t = self.cfg.train
-        resume_dir = train_state.find_resume_dir(self.cfg)
         if resume_dir is not None:
             self.resume(resume_dir)
         if self.rank == 0:
             save_config(self.cfg, self.run_dir / "config.yaml")
+        self.metrics.start(self.counters.step)  # drops what a killed run logged after this step
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         self.install_signal_handlers()
         self._log_main(f"layout tp={self.dims.tp} pp={self.dims.pp} dp={self.dims.dp}, accumulation {self.accum}, "
