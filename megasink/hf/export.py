@@ -68,8 +68,8 @@ def write_safetensors(pairs: list, out_dir: Path, dtype: torch.dtype, max_shard_
                 tensors[name] = t.detach().to("cpu", dtype).contiguous().clone()  # no shared storage
                 bar.update(t.numel() * itemsize)
             save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in tensors})
             set_default_mode(out_dir / fname)  # save_file creates owner-only (0600) files
+            weight_map.update({k: fname for k in tensors})
             del tensors
     if not single:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

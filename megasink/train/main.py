@@ -138,9 +138,9 @@ def _validation_set(cfg: Config):
 def run(cfg: Config, where: str = "<config>") -> dict:
     """Train under the current launch environment; tears the process group down at the end."""
     from megasink.parallel.dims import init_distributed, teardown_distributed
+    from megasink.train.state import find_resume_dir
 
     check_data(cfg)
-    from megasink.train.state import find_resume_dir
     dims = init_distributed(cfg, where)
     try:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -151,10 +151,10 @@ def run(cfg: Config, where: str = "<config>") -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
     """Exit 0 when training ends or stops on a signal (run_dir/PREEMPTED), 2 on a user error
     (one line on stderr, from rank 0 only); a bug keeps its traceback."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, args.config)
     except ConfigError as e:

@@ -256,9 +256,9 @@ class Trainer:
         t = self.cfg.train
         if resume_dir is not None:
             self.resume(resume_dir)
+        self.metrics.start(self.counters.step)  # drops what a killed run logged after this step
         if self.rank == 0:
             save_config(self.cfg, self.run_dir / "config.yaml")
-        self.metrics.start(self.counters.step)  # drops what a killed run logged after this step
             (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         self.install_signal_handlers()
         self._log_main(f"layout tp={self.dims.tp} pp={self.dims.pp} dp={self.dims.dp}, accumulation {self.accum}, "
