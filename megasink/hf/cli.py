@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from megasink.hf.export import DEFAULT_SHARD_BYTES, DTYPES
-from megasink.hf.importer import DEFAULT_GATE_BIAS_INIT, DEFAULT_SINK_INIT, MAX_SINK_WEIGHT
+from megasink.hf.importer import DEFAULT_GATE_BIAS_INIT, MAX_SINK_WEIGHT
 
 
 def _size(text: str) -> int:
@@ -57,13 +57,15 @@ def from_hf_main(argv=None) -> int:
     p.add_argument("--attention", choices=["vanilla", "sink", "gated"],
                    help="target variant (default: the source's). vanilla -> sink / gated adds parameters "
                         "initialised to keep the function")
-    p.add_argument("--sink-init", type=float, default=DEFAULT_SINK_INIT,
-                   help=f"initial sink logit when adding sinks (default {DEFAULT_SINK_INIT})")
+    p.add_argument("--sink-init", type=float, default=None,
+                   help="initial sink logit when adding sinks (default: placed per head so that the sink takes "
+                        "exactly --max-sink-weight of the head's attention where its log-sum-exp is lowest)")
     p.add_argument("--gate-bias-init", type=float, default=DEFAULT_GATE_BIAS_INIT,
-                   help=f"initial gate bias when adding gates, gate weights 0 (default {DEFAULT_GATE_BIAS_INIT}: "
-                        "sigmoid = 1 - 3e-7)")
+                   help=f"initial gate bias b when adding gates, gate weights 0 and the output projection divided by "
+                        f"sigmoid(b), so the function is unchanged (default {DEFAULT_GATE_BIAS_INIT:g}: gates 1/2)")
     p.add_argument("--max-sink-weight", type=float, default=MAX_SINK_WEIGHT,
-                   help=f"refuse added sinks that take more attention than this (default {MAX_SINK_WEIGHT:g})")
+                   help=f"largest share of any head's attention an added sink may take on the calibration tokens "
+                        f"(default {MAX_SINK_WEIGHT:g}); a given --sink-init above it is refused")
     p.add_argument("--tp", type=int, help="parallel.tp recorded in the config")
     p.add_argument("--pp", type=int, help="parallel.pp recorded in the config")
     p.add_argument("--seq-len", type=int, help="model.seq_len (default: max_position_embeddings, at most 4096)")
@@ -86,7 +88,8 @@ def from_hf_main(argv=None) -> int:
         print(f"added sinks: largest sink attention weight {report.max_sink_weight:.3g}, "
               f"largest logit change {report.max_logit_change:.3g}")
     if report.min_gate is not None:
-        print(f"added gates: smallest gate {report.min_gate:.9f}, largest logit change {report.max_logit_change:.3g}")
+        print(f"added gates: smallest gate {report.min_gate:.6g} (output projection scaled to match), "
+              f"largest logit change {report.max_logit_change:.3g}")
     for note in report.notes:
         print(f"note: {note}")
     return 0

@@ -3,15 +3,26 @@
 Reads a Llama / Mistral / Qwen2 / Qwen3-family directory (config.json + safetensors, single
 or sharded) or a megasink sink/gated export, checks that megasink's model can represent it
 (mapping.check_supported names the missing feature otherwise), and builds a megasink
-Transformer with the same weights. A vanilla source can gain sink logits or headwise gates
-initialised so that the model computes the same function at the start:
+Transformer with the same weights. A vanilla source can gain sink logits or headwise gates.
+They must change the function little *and* be able to train: a sink or gate placed so far out
+that it changes nothing also gets no gradient (at s = -30 the sink's is exactly 0 in fp32; at a
+gate bias of 15 the slope of the sigmoid is 3e-7, under Adam's eps). So:
 
-- sink:  s_h = sink_init (default -30). The sink's softmax weight is sigmoid(s_h - lse), so it
-         depends on lse; ``check_added_gates`` measures it on calibration tokens and the
-         conversion refuses when it exceeds ``max_sink_weight`` (1e-6), suggesting a lower value.
-- gated: gate weights 0 and gate bias b = gate_bias_init (default 15): every gate is
-         sigmoid(b) = 1 - 3e-7 for every token. Both values are recorded in the config
-         (model.sink_init / model.gate_bias_init).
+- gated: gate weights 0 and gate bias b (default 0: every gate is 1/2, where the sigmoid is
+         steepest), with the output projection divided by sigmoid(b): the function is unchanged,
+         exactly for b = 0 (mapping.from_hf_tensors).
+- sink:  the sink's share of head h's attention is sigmoid(s_h - lse), largest where the
+         log-sum-exp is lowest (a document's first tokens). By default (``sink_init=None``) each
+         head's sink is placed so that its share is exactly ``max_sink_weight`` (1e-3) at that
+         head's lowest lse over calibration tokens (``calibrate_sinks``), and smaller everywhere
+         else: each head's output changes by at most 0.1 %, and the sink's gradient is ~1e-3 of
+         the attention output's, far above Adam's eps. An explicit ``sink_init`` is used as given
+         and refused when its share exceeds ``max_sink_weight`` (the one limit for both).
+
+``check_added_gates`` measures the largest sink share (or smallest gate) and the largest logit
+change against the model without the new parameters. Shared-head selection on a converted model
+breaks ties by the lower head index (importance.top_m_indices): a gated conversion's gates all
+start equal, so measure the base model with tools/diagnose_heads.py and pass its importance.json.
 
 The target layout (parallel.tp / parallel.pp) is only recorded in the config: megasink
 checkpoints hold full tensors and load under any layout.
@@ -32,9 +43,8 @@ from megasink.hf import mapping
 from megasink.hf.export import SIDECAR
 from megasink.hf.tokenizer import HF_TOKENIZER_SUBDIR, copy_hf_tokenizer
 
-DEFAULT_SINK_INIT = -30.0
-DEFAULT_GATE_BIAS_INIT = 15.0
-MAX_SINK_WEIGHT = 1e-6
+DEFAULT_GATE_BIAS_INIT = 0.0  # gates start at 1/2; wo is doubled to keep the function
+MAX_SINK_WEIGHT = 1e-3  # the largest share of a head's attention an added sink may take
 DEFAULT_SEQ_LEN_CAP = 4096
 
 
@@ -100,7 +110,7 @@ def read_tensors(hf_dir: str | os.PathLike, progress: bool = True) -> dict:
     files = weight_files(hf_dir)
     out = {}
     with tqdm(total=sum(f.stat().st_size for f in files), desc="reading weights", unit="B", unit_scale=True,
-              disable=not progress) as bar:
+              disable=None if progress else True) as bar:  # None: only when stderr is a terminal
         for f in files:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
@@ -126,7 +136,7 @@ def _sidecar_config(hf_dir: Path, hf_cfg: dict) -> Optional[tuple[Config, list]]
 
 
 def build_config(hf_dir: str | os.PathLike, hf_cfg: dict, attention: Optional[str] = None,
-                 sink_init: float = DEFAULT_SINK_INIT, gate_bias_init: float = DEFAULT_GATE_BIAS_INIT,
+                 sink_init: Optional[float] = None, gate_bias_init: float = DEFAULT_GATE_BIAS_INIT,
                  tp: Optional[int] = None, pp: Optional[int] = None, seq_len: Optional[int] = None,
                  report: Optional[ImportReport] = None) -> tuple[Config, list]:
     """The megasink Config for an HF model (and shared heads from a megasink export's sidecar)."""
@@ -142,7 +152,7 @@ def build_config(hf_dir: str | os.PathLike, hf_cfg: dict, attention: Optional[st
         shared = []
         overrides = {"attention": target}
         if target == "sink" and src == "vanilla":
-            overrides["sink_init"] = float(sink_init)
+            overrides["sink_init"] = 0.0 if sink_init is None else float(sink_init)  # None: calibrated later
         if target == "gated" and src == "vanilla":
             overrides["gate_bias_init"] = float(gate_bias_init)
         model_cfg = mapping.model_config_from_hf(hf_cfg, where, **overrides)
@@ -165,10 +175,13 @@ def build_config(hf_dir: str | os.PathLike, hf_cfg: dict, attention: Optional[st
 
 
 def import_model(hf_dir: str | os.PathLike, attention: Optional[str] = None,
-                 sink_init: float = DEFAULT_SINK_INIT, gate_bias_init: float = DEFAULT_GATE_BIAS_INIT,
+                 sink_init: Optional[float] = None, gate_bias_init: float = DEFAULT_GATE_BIAS_INIT,
                  tp: Optional[int] = None, pp: Optional[int] = None, seq_len: Optional[int] = None,
                  check: bool = True, max_sink_weight: float = MAX_SINK_WEIGHT, progress: bool = True):
-    """(model, cfg, report): a megasink Transformer (fp32, CPU) with the HF directory's weights."""
+    """(model, cfg, report): a megasink Transformer (fp32, CPU) with the HF directory's weights.
+
+    Added sinks: ``sink_init`` None places each head's sink at a share of ``max_sink_weight``
+    (``calibrate_sinks``); a number is used as given and refused above that share."""
     from megasink.model.transformer import Transformer
 
     hf_dir = Path(hf_dir)
@@ -196,71 +209,126 @@ def import_model(hf_dir: str | os.PathLike, attention: Optional[str] = None,
     del sd
     for layer, heads in enumerate(shared):
         model.shared_heads[layer, list(heads)] = True
-    if check and src == "vanilla" and m.attention != "vanilla":
+    added = src == "vanilla" and m.attention != "vanilla"
+    if added and m.attention == "sink" and sink_init is None:
+        sinks = calibrate_sinks(model, max_sink_weight)
+        m.sink_init = round(float(sinks.mean()), 4)  # for the record: each head holds its own value
+        report.notes.append(f"sinks placed per head (from {sinks.min():.3g} to {sinks.max():.3g}) to take at most "
+                            f"{max_sink_weight:g} of any head's attention on the calibration tokens")
+    if check and added:
         check_added_gates(model, report)
-        if m.attention == "sink" and report.max_sink_weight > max_sink_weight:
+        if m.attention == "sink" and report.max_sink_weight > max_sink_weight * (1 + 1e-3):  # 1e-3: rounding
             factor = math.log(report.max_sink_weight / (max_sink_weight / 10))
             raise ValueError(
                 f"{where}: with sink_init={m.sink_init} the sink takes up to {report.max_sink_weight:.3g} of the "
-                f"attention (limit {max_sink_weight:g}): some heads have a very low log-sum-exp. "
-                f"Use a lower --sink-init, e.g. {math.floor(m.sink_init - factor)}")
+                f"attention (limit --max-sink-weight {max_sink_weight:g}): some heads have a very low log-sum-exp. "
+                f"Leave out --sink-init to place each head's sink at the limit, or use a lower one, e.g. "
+                f"{math.floor(m.sink_init - factor)}")
     return model, cfg, report
 
 
-def _calibration_tokens(vocab_size: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
-    """Token batches for checking added gates: many first tokens (where lse is lowest) and a few sequences."""
+def _calibration_batch(vocab_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, doc_ids), both (1, N): one packed row of up to 512 one-token documents (a first token
+    is where the lse is lowest) and two documents of min(seq_len, 64) random tokens."""
     g = torch.Generator().manual_seed(seed)
-    firsts = torch.randperm(vocab_size, generator=g)[:512][:, None]  # (<=512, 1): position 0 only
+    firsts = torch.randperm(vocab_size, generator=g)[:512]
     seqs = torch.randint(0, vocab_size, (2, min(seq_len, 64)), generator=g)
-    return [firsts, seqs]
+    tokens = torch.cat([firsts, seqs.flatten()])[None]  # (1, N)
+    doc_ids = torch.cat([torch.arange(len(firsts)), len(firsts) + torch.arange(2).repeat_interleave(seqs.shape[1])])
+    return tokens, doc_ids[None]
+
+
+def _added_params(model) -> list:
+    """The (name, parameter) pairs a conversion added: every layer's sinks or gate biases."""
+    suffix = "sinks" if model.cfg.attention == "sink" else "gate_bias"
+    return [(n, p) for n, p in model.named_parameters() if n.endswith(suffix)]
+
+
+def _head_min_gates(attention, inputs) -> torch.Tensor:
+    """(nh,) each head's smallest gate over one layer's inputs (forward() runs no hooks)."""
+    gates = attention.forward(*inputs[:5])[1]  # no token weights: the gates themselves, (B, nh, T)
+    return gates.amin(dim=(0, 2)).double().cpu()
+
+
+@torch.no_grad()
+def _each_layer(model, visit) -> None:
+    """Run the calibration batch; ``visit(layer index, attention, inputs)`` runs after each layer's
+    attention, and whatever it changes in that layer reaches the layers after it."""
+    def hook_for(i):
+        def hook(attention, inputs, output):
+            return output if visit(i, attention, inputs) is None else attention.forward(*inputs)
+        return hook
+
+    layers = list(model.layers.values())
+    hooks = [layer.attention.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        model(*_calibration_batch(model.cfg.vocab_size, model.cfg.seq_len))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def min_gates(model) -> torch.Tensor:
+    """(L, H): each head's smallest gate (sink: 1 - the sink's share) over the calibration tokens."""
+    rows = {}
+    _each_layer(model, lambda i, attention, inputs: rows.__setitem__(i, _head_min_gates(attention, inputs)))
+    return torch.stack([rows[i] for i in range(len(rows))])
+
+
+def calibrate_sinks(model, weight: float, rounds: int = 8) -> torch.Tensor:
+    """Set each head's sink so that it takes ``weight`` of the head's attention at the head's lowest
+    log-sum-exp over the calibration tokens (less at every other token); returns the sinks (L, H).
+
+    Layer by layer in one pass, each layer seeing the earlier layers' final sinks. A layer's lowest
+    lse is read off its gate sigmoid(lse - s) at a probe s, moved to it round by round (at most 16 a
+    round, where the fp32 sigmoid saturates) until the gate there is ~1/2, where lse = s +
+    logit(gate) is exact to fp32 rounding.
+    """
+    sinks = {}
+
+    def place(i, attention, inputs):
+        probe = torch.zeros(attention.sinks.shape, dtype=torch.float64)
+        for _ in range(rounds):
+            attention.sinks.copy_(probe)
+            step = torch.logit(_head_min_gates(attention, inputs)).clamp(-16.0, 16.0)  # lse_min - probe
+            probe += step
+            if step.abs().max() < 1.0:
+                break
+        sinks[i] = probe + math.log(weight / (1.0 - weight))  # sigmoid(s - lse_min) = weight
+        attention.sinks.copy_(sinks[i])
+        return True  # recompute this layer's output with its final sinks
+
+    _each_layer(model, place)
+    return torch.stack([sinks[i] for i in range(len(sinks))]).float()
 
 
 @torch.no_grad()
 def check_added_gates(model, report: ImportReport) -> None:
-    """Measure added sinks/gates: max sink weight (or min gate) and the logit change they cause.
+    """Measure added sinks/gates: the largest sink share (or smallest gate) and the logit change.
 
-    The reference is the same model with the sinks at -inf (or the gate bias at +inf), which is
-    exactly the vanilla model.
+    The reference is the same model without them: sinks at -inf, or gate biases at +inf with the
+    output projection multiplied back by each head's starting gate; exactly the vanilla model.
     """
-    variant = model.cfg.attention
-    gates_min, inside = [], []
-
-    def per_token_gates(mod, inp, out):  # the model asks for gate sums: run the layer again for the gates
-        if not inside:
-            inside.append(True)
-            try:
-                gates_min.append(mod(*inp[:5])[1].min().item())  # no token weights: (B, nh, T) gates
-            finally:
-                inside.clear()
-
-    hooks = [layer.attention.register_forward_hook(per_token_gates) for layer in model.layers.values()]
-    param = "sinks" if variant == "sink" else "gate_bias"
-    saved = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(param)}
-    max_change = 0.0
+    gated = model.cfg.attention == "gated"
+    lowest = float(min_gates(model).min())
+    added = _added_params(model)
+    wos = [layer.attention.wo.weight for layer in model.layers.values()]
+    saved = [p.detach().clone() for _, p in added] + ([w.detach().clone() for w in wos] if gated else [])
+    batch = _calibration_batch(model.cfg.vocab_size, model.cfg.seq_len)
+    logits = model(*batch).logits
     try:
-        for tokens in _calibration_tokens(model.cfg.vocab_size, model.cfg.seq_len):
-            logits = model(tokens).logits
-            for n, p in model.named_parameters():
-                if n.endswith(param):
-                    p.fill_(float("-inf") if variant == "sink" else float("inf"))
-            ref = model(tokens).logits
-            for n, p in model.named_parameters():
-                if n.endswith(param):
-                    p.copy_(saved[n])
-            max_change = max(max_change, (logits - ref).abs().max().item())
+        for (_, p), w in zip(added, wos):
+            if gated:  # wo (d, nh * hd): each head's columns times its gate at the start
+                w.mul_(torch.sigmoid(p).repeat_interleave(w.shape[1] // p.numel())[None, :])
+            p.fill_(float("inf") if gated else float("-inf"))
+        report.max_logit_change = (logits - model(*batch).logits).abs().max().item()
     finally:
-        for h in hooks:
-            h.remove()
-        for n, p in model.named_parameters():
-            if n in saved:
-                p.data.copy_(saved[n])
-    # gates_min holds entries from both the real and the reference passes; the reference gates are 1
-    lowest = min(gates_min)
-    report.max_logit_change = max_change
-    if variant == "sink":
-        report.max_sink_weight = 1.0 - lowest
-    else:
+        for t, s in zip([p for _, p in added] + (wos if gated else []), saved):
+            t.copy_(s)
+    if gated:
         report.min_gate = lowest
+    else:
+        report.max_sink_weight = 1.0 - lowest
 
 
 def convert_hf_dir(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,

@@ -230,8 +230,10 @@ def model_config_from_hf(hf_cfg: dict, where: str = "config.json", **overrides) 
 def from_hf_tensors(hf_sd: dict, m: ModelConfig, src_variant: str, where: str = "checkpoint") -> dict:
     """megasink state dict (fp32) from HF tensors of variant ``src_variant`` into config ``m``.
 
-    A vanilla source may become sink (sinks = m.sink_init) or gated (gate rows 0, gate bias =
-    m.gate_bias_init); the new parameters are set so the model computes (almost) the same function.
+    A vanilla source may become sink (sinks = m.sink_init; the importer then calibrates them per
+    head) or gated: gate rows 0 and gate bias b = m.gate_bias_init make every gate sigmoid(b), and
+    the output projection is divided by sigmoid(b), so the model computes the same function for any
+    b (exactly for the default b = 0: a gate of 1/2 and a doubled wo are powers of two).
     """
     if src_variant != "vanilla" and src_variant != m.attention:
         raise UnsupportedModelError(
@@ -258,6 +260,7 @@ def from_hf_tensors(hf_sd: dict, m: ModelConfig, src_variant: str, where: str = 
             else:
                 gate_w = torch.zeros(m.n_heads, m.d_model)
                 out[pre + "attention.gate_bias"] = torch.full((m.n_heads,), float(m.gate_bias_init))
+                out[pre + "attention.wo.weight"] /= torch.sigmoid(torch.tensor(float(m.gate_bias_init))).item()
             out[pre + "attention.wq.weight"] = _join_gated_wq(q, gate_w, m.n_heads, m.head_dim)
         else:
             out[pre + "attention.wq.weight"] = q
