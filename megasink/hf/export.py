@@ -23,6 +23,7 @@ import torch
 from megasink.config import Config, config_to_dict
 from megasink.hf import mapping
 from megasink.hf.tokenizer import HF_TOKENIZER_SUBDIR, copy_hf_tokenizer, find_spm_model, write_hf_tokenizer
+from megasink.utils import set_default_mode
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_megasink.py", "modeling_megasink.py")
@@ -68,6 +69,7 @@ def write_safetensors(pairs: list, out_dir: Path, dtype: torch.dtype, max_shard_
                 tensors[name] = t.detach().to("cpu", dtype).contiguous().clone()  # no shared storage
                 bar.update(t.numel() * itemsize)
             save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
+            set_default_mode(out_dir / fname)  # save_file creates owner-only (0600) files
             weight_map.update({k: fname for k in tensors})
             del tensors
     if not single:
