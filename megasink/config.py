@@ -180,6 +180,12 @@ class ParallelConfig:
     timeout_s: int = 600
     """Collective timeout: a rank that dies makes the others fail after this long."""
 
+    @property
+    def zero(self) -> int:
+        """The ZeRO stage in effect: zero_stage, or by default 1 with pipeline stages (DeepSpeed's
+        pipeline engine clips by the global norm only with ZeRO-1), else 0."""
+        return self.zero_stage if self.zero_stage >= 0 else (1 if self.pp > 1 else 0)
+
 
 @dataclass
 class Config:
@@ -374,8 +380,7 @@ def validate_shared_heads(shared_heads: Union[int, str], m: ModelConfig, where: 
 
 
 def validate(cfg: Config, where: str = "<config>") -> None:
-    """Cross-field checks that need no process group (the world size is checked later); also
-    resolves parallel.zero_stage's default (-1) to the stage it stands for."""
+    """Cross-field checks that need no process group (the world size is checked later)."""
     validate_model(cfg.model, where)
     t, p, a = cfg.train, cfg.parallel, cfg.aux_loss
     _check_choice(t.schedule, LR_SCHEDULES, "train.schedule", where)
@@ -389,17 +394,16 @@ def validate(cfg: Config, where: str = "<config>") -> None:
                                     "importance_interval", "eval_steps"), where)
     _check_at_least(t, "train", 0, ("warmup_steps", "eval_interval", "save_interval", "keep_last",
                                     "max_nan_skips"), where)
-    if p.zero_stage == -1:  # the default: the pipeline engine clips by the global norm only with ZeRO-1
-        p.zero_stage = 1 if p.pp > 1 else 0
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.zero_stage not in (-1, 0, 1, 2, 3):
+        raise ConfigError(f"{where}: parallel.zero_stage must be 0, 1, 2 or 3 (or -1: the default), "
+                          f"got {p.zero_stage}")
     for key in ("tp", "pp"):
         if getattr(p, key) < 1:
             raise ConfigError(f"{where}: parallel.{key} must be >= 1")
-    if p.pp > 1 and p.zero_stage > 1:
+    if p.pp > 1 and p.zero > 1:
         raise ConfigError(f"{where}: parallel.pp={p.pp} needs parallel.zero_stage 0 or 1 "
                           "(DeepSpeed's pipeline engine does not support ZeRO-2/3)")
-    if p.pp > 1 and p.zero_stage == 0 and t.grad_clip > 0:
+    if p.pp > 1 and p.zero == 0 and t.grad_clip > 0:
         raise ConfigError(f"{where}: parallel.pp={p.pp} with parallel.zero_stage=0 clips gradients per stage in "
                           "DeepSpeed, not by the global norm: use parallel.zero_stage=1 (the default with "
                           "parallel.pp > 1) or train.grad_clip=0")

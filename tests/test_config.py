@@ -59,9 +59,41 @@ def test_heads_not_divisible_by_tp():
 def test_pipeline_constraints_named():
     with pytest.raises(ConfigError, match="parallel.pp=2 needs parallel.zero_stage 0 or 1"):
         load_config("configs/tiny-sink.yaml", ["parallel.pp=2", "parallel.zero_stage=2"])
-    with pytest.raises(ConfigError, match="clips gradients per stage"):
-        load_config("configs/tiny-sink.yaml", ["parallel.pp=2"])
-    load_config("configs/tiny-sink.yaml", ["parallel.pp=2", "train.grad_clip=0"])
+    with pytest.raises(ConfigError, match="parallel.pp=2 with parallel.zero_stage=0 clips gradients per stage"):
+        load_config("configs/tiny-sink.yaml", ["parallel.pp=2", "parallel.zero_stage=0"])  # explicit 0
+    assert load_config("configs/tiny-sink.yaml", ["parallel.pp=2", "parallel.zero_stage=0",
+                                                  "train.grad_clip=0"]).parallel.zero == 0
+
+
+def test_zero_stage_default_follows_the_pipeline():
+    # the README's pipeline example runs as written: ZeRO-1 unless a stage is given
+    readme = open("README.md").read()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("torchrun") and "parallel.pp=2" in ln)
+    config, *overrides = line.split("-m megasink.train ")[1].split()
+    assert "parallel.zero_stage" not in line
+    assert load_config(config, overrides).parallel.zero == 1
+    assert load_config(config, [o for o in overrides if "pp=" not in o]).parallel.zero == 0
+    assert load_config(config, overrides + ["parallel.zero_stage=1"]).parallel.zero == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.steps=-3", "train.steps must be positive, got -3"),
+    ("train.steps=0", "train.steps must be positive, got 0"),
+    ("train.log_interval=0", "train.log_interval must be positive"),
+    ("train.save_interval=-1", "train.save_interval must be >= 0, got -1"),
+])
+def test_counts_out_of_range_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny-sink.yaml", [override])
+
+
+def test_unknown_command_is_named(capsys):
+    from megasink.cli import main
+
+    assert main(["foo"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("megasink: unknown command 'foo' (commands: train")
+    assert main(["--help"]) == 0 and "usage: megasink" in capsys.readouterr().out
 
 
 def test_shared_heads_both_forms_need_two_routed_heads(tmp_path):

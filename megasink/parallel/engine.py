@@ -53,7 +53,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         "train_batch_size": t.global_batch_size,
         # DeepSpeed clips at 1.0 unless told: 0.0 really switches it off (DESIGN.md section 4)
         "gradient_clipping": float(t.grad_clip),
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 10**9,
