@@ -157,3 +157,21 @@ def commit_outputs(prefix: str, writers: list, meta_text: str, overwrite: bool) 
     atomic_write_text(meta_path(prefix), meta_text)
     fsync_dir(os.path.dirname(os.path.abspath(prefix)))
     return new_files
+
+
+def new_parent_dirs(prefix: str) -> list[str]:
+    """Directories above ``prefix`` that do not exist yet, deepest first: what writing creates."""
+    found, d = [], os.path.dirname(os.path.abspath(prefix))
+    while not os.path.exists(d):
+        found.append(d)
+        d = os.path.dirname(d)
+    return found
+
+
+def remove_empty_dirs(dirs: list[str]) -> None:
+    """Remove ``dirs`` (deepest first) while they are empty: a failed run leaves no empty directory."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (another writer) or already gone
+            return

@@ -23,12 +23,14 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from megasink.errors import UserError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
 PARQUET_SUFFIXES = (".parquet",)
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input that cannot be read as asked (names the file and what to do)."""
 
 
@@ -225,24 +227,39 @@ def open_text_stream(path: str) -> io.BufferedIOBase:
 
 
 def _first_jsonl_record(path: str) -> Optional[dict]:
+    """The first line of a JSONL file that parses as a JSON object (None for an empty file).
+
+    Lines before it (invalid UTF-8, malformed JSON) are the workers' counted skips, as
+    anywhere else in the file; a file where no line parses is not JSONL and is refused."""
+    lines = 0
     try:
         with open_text_stream(path) as f:
             for line in f:
-                if line.strip():
-                    break
-            else:
-                return None
+                if not line.strip():
+                    continue
+                if lines == 0 and line.lstrip().startswith(b"["):
+                    raise InputError(f"input {path}: looks like a JSON array; convert it to JSON lines "
+                                     "(one object per line)")
+                lines += 1
+                record = _json_object(line)
+                if record is not None:
+                    return record
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"input {path}: cannot read it ({type(e).__name__}: {e})") from e
-    if line.lstrip().startswith(b"["):
-        raise InputError(f"input {path}: looks like a JSON array; convert it to JSON lines (one object per line)")
+    if lines:
+        raise InputError(f"input {path} is not JSONL: none of its {lines} non-empty lines is a JSON object "
+                         "(one object per line, UTF-8)")
+    return None
+
+
+def _json_object(line: bytes) -> Optional[dict]:
     try:
         record = json.loads(line)
-    except ValueError as e:
-        raise InputError(f"input {path}: first line is not valid JSON: {e}") from e
-    if not isinstance(record, dict):
-        raise InputError(f"input {path}: first line is a JSON {type(record).__name__}, not an object")
-    return record
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def iter_chunks(sources: list[Source], opts: ReadOptions, max_docs: int = 0) -> Iterator[Chunk]:
