@@ -1,6 +1,6 @@
 """megasink: sink-aware pretraining of decoder-only LLMs.
 
-Python API (DESIGN.md section 3)::
+Python API (docs/design.md, "File formats and contracts")::
 
     cfg = megasink.load_config("configs/tiny-sink.yaml", overrides=["model.n_layers=2"])
     model = megasink.build_model(cfg)  # the whole config: .aux_loss follows cfg.aux_loss

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     attention: str = "sink"
-    """Attention variant: vanilla | sink | gated (DESIGN.md section 1)."""
+    """Attention variant: vanilla | sink | gated (docs/design.md, "The method")."""
     n_layers: int = 4
     """Number of transformer blocks."""
     n_heads: int = 4

@@ -1,6 +1,7 @@
 """Head diagnosis: per-head importance of a trained model over a sample of documents.
 
-The library behind tools/diagnose_heads.py (DESIGN.md sections 1 and 3):
+The library behind tools/diagnose_heads.py (docs/design.md, "The method" and "File formats
+and contracts"):
 
     Imp[l, h] = sum over samples and counted tokens of G[t, h] / number of counted tokens
 
@@ -269,7 +270,7 @@ def gate_statistics(model, samples, device: str = "cpu", max_batch_tokens: int =
         sums.add_(s.double().cpu())
         count += c
 
-    with tqdm(total=total, desc="samples", disable=not progress) as bar:
+    with tqdm(total=total, desc="samples", disable=None if progress else True) as bar:  # None: a terminal only
         for tokens in samples:
             n += 1
             bucket = buckets.setdefault(len(tokens), [])

@@ -149,3 +149,12 @@ def test_top_m_must_leave_two_routed_heads(tmp_path):
     d = diagnose(str(ckpt), [str(tmp_path / "data")], num_samples=2, seq_len=8, top_m=2)
     out = write_outputs(d, tmp_path / "diag")
     assert shared_mask_from_file(out / "importance.json", 2, 4).sum(-1).tolist() == [2, 2]
+
+
+def test_no_progress_bar_off_a_terminal(tmp_path, capsys):
+    cfg = Config(model=small_model_cfg("sink", vocab_size=MODEL_VOCAB))
+    ckpt = save_model_checkpoint(build_seeded(cfg.model), cfg, tmp_path / "step_1")
+    write_indexed(tmp_path / "data", [10, 12], MODEL_VOCAB)
+    assert main([str(ckpt), "--data", str(tmp_path / "data"), "--num-samples", "2", "--seq-len", "8",
+                 "--out", str(tmp_path / "diag")]) == 0  # progress on, but stderr is captured
+    assert "samples:" not in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """Megatron-LM's indexed dataset format: ``PREFIX.bin`` (tokens) + ``PREFIX.idx`` (index).
 
-The format is the interface (DESIGN.md section 3): files written here load in Megatron-LM
-and files written by Megatron-LM load here. Layout of ``PREFIX.idx`` (little endian), as
-in ``megatron/core/datasets/indexed_dataset.py`` (``_IndexWriter`` / ``_IndexReader``)::
+The format is the interface (docs/design.md, "File formats and contracts"): files written
+here load in Megatron-LM and files written by Megatron-LM load here. Layout of ``PREFIX.idx``
+(little endian), as in ``megatron/core/datasets/indexed_dataset.py`` (``_IndexWriter`` / ``_IndexReader``)::
 
     offset 0   9 bytes   b"MMIDIDX\\x00\\x00"
     offset 9   <Q        version = 1

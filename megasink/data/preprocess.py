@@ -34,8 +34,6 @@ from megasink.data.outputs import (
     ShardedWriter,
     check_output_prefix,
     commit_outputs,
-    new_parent_dirs,
-    remove_empty_dirs,
     valid_prefix,
 )
 from megasink.data.records import SKIP_REASONS, RecordFilter, keep_text, record_fields
@@ -81,7 +79,7 @@ class PreprocessConfig:
     chunk_docs: int = 256
     """Records per work item sent to a worker."""
     progress: bool = True
-    """Show a progress bar (docs/s, tokens/s) on stderr."""
+    """Show a progress bar (docs/s, tokens/s) on stderr when stderr is a terminal."""
 
 
 @dataclass
@@ -297,7 +295,9 @@ def _meta(cfg: PreprocessConfig, tok: dict, dtype: np.dtype, sources, writers, o
 def _progress(cfg: PreprocessConfig, total: Optional[int]):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="doc", disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+    # disable=None: tqdm draws only when stderr is a terminal (no bar lines in Slurm logs or CI)
+    return tqdm(total=total, unit="doc", disable=None if cfg.progress else True, dynamic_ncols=True,
+                file=sys.stderr)
 
 
 def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
@@ -323,7 +323,6 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     dtype = token_dtype(tok["vocab_size"])
     init_args = (cfg.tokenizer_model, tok["sha256"], _worker_options(cfg, tok, dtype))
     out = PreprocessResult()
-    new_dirs = new_parent_dirs(cfg.output_prefix)
     train = ShardedWriter(cfg.output_prefix, dtype, cfg.shard_size)
     valid = ShardedWriter(valid_prefix(cfg.output_prefix), dtype) if cfg.valid_fraction > 0 else None
     writers = [w for w in (train, valid) if w is not None]
@@ -347,7 +346,6 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     except BaseException:
         for w in writers:
             w.abort()
-        remove_empty_dirs(new_dirs)
         raise
     finally:
         bar.close()

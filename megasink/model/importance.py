@@ -7,7 +7,8 @@
 Counted tokens: every non-padding token; for vanilla attention each document's first token
 (the sink itself, G = 0) is left out. Statistics are kept as *sums and counts* so that
 parallel code can add them over data-parallel ranks / micro-batches and gather heads over
-tensor-parallel ranks before the CV (DESIGN.md section 2): see ``aux_loss_and_grad``.
+tensor-parallel ranks before the CV (docs/design.md, "The distributed aux-gradient
+invariant"): see ``aux_loss_and_grad``.
 """
 from __future__ import annotations
 

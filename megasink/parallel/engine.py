@@ -51,7 +51,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": dims.grad_accum_steps(cfg),
         "train_batch_size": t.global_batch_size,
-        # DeepSpeed clips at 1.0 unless told: 0.0 really switches it off (DESIGN.md section 4)
+        # DeepSpeed clips at 1.0 unless told: 0.0 really switches it off (docs/design.md, "Parallel layout")
         "gradient_clipping": float(t.grad_clip),
         "zero_optimization": {"stage": cfg.parallel.zero},
         "zero_allow_untested_optimizer": True,

@@ -14,7 +14,8 @@ Transformer state_dict key by dropping the first component (``canonical_name``).
 The aux loss across stages: a stage's layers know their own global importance (made global
 over TP and DP by ``stats.globalize``), so each layer attaches d(L_aux)/d(gate sums) to its
 activations with ``AuxInject``, an identity whose backward adds that gradient to the gate
-sums. No scalar travels between stages; the gradient equals the single-device one.
+sums. No scalar travels between stages; the gradient equals the single-device one
+(docs/design.md, "The distributed aux-gradient invariant").
 With ``aux_loss.accumulation: global`` (required here) the global importance of the step is
 measured first by a no-grad pipelined pass (``eval_batch``), which also screens for
 non-finite losses before any backward.

@@ -5,7 +5,8 @@ micro-batch). ``globalize`` sums over data-parallel ranks and gathers heads over
 tensor-parallel ranks, giving every rank the layer's full (L, H) vector and the global
 token count. The gradient of the aux loss then reaches each rank's own gates through
 ``surrogate``: (dL/dS)[local heads] . S_local — each token's and head's contribution is
-counted exactly once, on the rank that owns it (DESIGN.md section 2).
+counted exactly once, on the rank that owns it. The rule and the scale factors the trainers
+pass are stated once in docs/design.md, "The distributed aux-gradient invariant".
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def local_heads(full: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
 
 
 def surrogate(local_sums: torch.Tensor, grad_full: torch.Tensor, dims: ParallelDims, scale: float) -> torch.Tensor:
-    """A scalar whose gradient w.r.t. the local gate sums is scale * dL_aux/dS (local heads)."""
+    """A scalar whose gradient w.r.t. the local gate sums is scale * dL_aux/dS (local heads);
+    ``scale`` undoes the engine's averaging (docs/design.md, "The distributed aux-gradient
+    invariant")."""
     return scale * (local_heads(grad_full, dims).to(local_sums.dtype) * local_sums).sum()
 
 

@@ -1,7 +1,7 @@
 """Metrics: metrics.jsonl, TensorBoard scalars and images, importance heatmaps, MFU.
 
-Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (DESIGN.md
-section 3): step, loss, aux_loss, lr, grad_norm, tokens_per_s, mfu, cv [layers], and at its
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (docs/design.md,
+"File formats and contracts"): step, loss, aux_loss, lr, grad_norm, tokens_per_s, mfu, cv [layers], and at its
 own interval importance [layers][heads]; validation steps add val_loss and val_bpb.
 """
 from __future__ import annotations

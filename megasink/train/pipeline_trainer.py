@@ -3,7 +3,8 @@
 Per optimizer step, with the aux loss on: (1) a no-grad pipelined pass over the step's
 micro-batches collects each stage's gate sums and screens the loss for non-finite values; (2) each stage makes its
 layers' statistics global (DP sum, TP gather), computes d(L_aux)/d(gate sums) for its layers
-and arms its pipe layers to inject it; (3) ``train_batch`` runs the 1F1B schedule. The
+and arms its pipe layers to inject it, times dp (docs/design.md, "The distributed aux-gradient
+invariant"); (3) ``train_batch`` runs the 1F1B schedule. The
 logged aux loss is the sum of the stages' shares (all-reduced over the pipeline group) and
 the logged importance/CV cover every layer (gathered over stages).
 """

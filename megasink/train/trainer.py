@@ -3,7 +3,8 @@
 One optimizer step = ``A`` micro-batches per data-parallel rank (A = gradient accumulation).
 The aux loss is computed from *global* importance (summed over DP ranks and micro-batches,
 gathered over TP heads) and reaches each rank's gates through a surrogate term whose
-gradient is exactly d(L_aux)/d(local gate sums) (megasink/parallel/stats.py). With A > 1
+gradient is exactly d(L_aux)/d(local gate sums) (megasink/parallel/stats.py; the rule and
+its scale A * dp are in docs/design.md, "The distributed aux-gradient invariant"). With A > 1
 and ``aux_loss.accumulation: global`` the global importance is known before the backward
 passes thanks to one no-grad statistics pass over the step's micro-batches.
 """

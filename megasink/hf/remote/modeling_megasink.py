@@ -3,7 +3,7 @@
 Shipped inside every exported sink or gated model directory and loaded with
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``. Everything but the
 attention is Llama (RMSNorm, rotate-half RoPE, SwiGLU, KV cache, generation); the two variants
-(megasink DESIGN.md section 1):
+(megasink's docs/design.md, "The method"):
 
 - sink:  one learnable logit ``sinks[h]`` per head joins the softmax as an extra column with
          no value and is dropped after the softmax, exactly as gpt-oss does. Equivalently the
