@@ -181,7 +181,8 @@ megasink_train() {
     echo "megasink-slurm: training step exited with code $rc"
 
     # The trainer writes PREEMPTED after its checkpoint on SIGUSR1/SIGTERM. Only a file
-    # written by this run counts (a stale one must not requeue forever).
+    # written by this run counts (a stale one must not requeue forever). The step's exit code
+    # does not: torchrun exits 1 after a SIGTERM although every rank saved and exited 0.
     if [[ $run_dir/PREEMPTED -nt $started ]]; then
         if [[ ${MEGASINK_REQUEUE:-1} != 1 ]]; then
             echo "megasink-slurm: checkpointed at step $(cat "$run_dir/PREEMPTED"); MEGASINK_REQUEUE=0, not requeueing"
