@@ -255,8 +255,28 @@ def test_existing_output_needs_overwrite_and_stale_shards_go(tmp_path, docs):
 def test_all_skipped_is_an_error(tmp_path):
     src = data_write_jsonl(tmp_path / "e.jsonl", [b'{"text": " "}\n', b'{"text": ""}\n'])
     with pytest.raises(ValueError, match="no training document was kept.*empty"):
+        run([src], tmp_path / "o" / "deeper" / "p")
+    assert not (tmp_path / "o").exists()  # no empty output directory either
+    (tmp_path / "mine").mkdir()  # a directory that was there before stays
+    with pytest.raises(ValueError, match="no training document was kept"):
+        run([src], tmp_path / "mine" / "p")
+    assert os.listdir(tmp_path / "mine") == []
+
+
+def test_bad_first_line_is_a_counted_skip_like_any_other(tmp_path, sp, docs):
+    good = [json.dumps(r).encode() + b"\n" for r in data_records(docs[:2])]
+    for bad in (b'{"text": "caf\xe9 latin-1"}\n', b'{"text": "trunc\n', b"\xff\xfe not json\n"):
+        src = data_write_jsonl(tmp_path / "b.jsonl", [bad, good[0], bad, good[1]])
+        out = run([src], tmp_path / "o" / "p", overwrite=True)
+        assert sequences(tmp_path / "o" / "p") == [sp.encode(d) + [sp.eos_id()] for d in docs[:2]]
+        assert out.read == 4 and sum(out.skipped.values()) == 2, out.skipped
+
+
+def test_file_where_no_line_parses_is_not_jsonl(tmp_path):
+    src = data_write_jsonl(tmp_path / "notes.jsonl", [b"plain text\n", b"\xe9t\xe9 latin-1\n", b'"a string"\n'])
+    with pytest.raises(InputError, match="notes.jsonl is not JSONL: none of its 3 non-empty lines"):
         run([src], tmp_path / "o" / "p")
-    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_command_line(tmp_path, sp, docs):

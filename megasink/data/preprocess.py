@@ -34,6 +34,8 @@ from megasink.data.outputs import (
     ShardedWriter,
     check_output_prefix,
     commit_outputs,
+    new_parent_dirs,
+    remove_empty_dirs,
     valid_prefix,
 )
 from megasink.data.records import SKIP_REASONS, RecordFilter, keep_text, record_fields
@@ -323,6 +325,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     dtype = token_dtype(tok["vocab_size"])
     init_args = (cfg.tokenizer_model, tok["sha256"], _worker_options(cfg, tok, dtype))
     out = PreprocessResult()
+    new_dirs = new_parent_dirs(cfg.output_prefix)
     train = ShardedWriter(cfg.output_prefix, dtype, cfg.shard_size)
     valid = ShardedWriter(valid_prefix(cfg.output_prefix), dtype) if cfg.valid_fraction > 0 else None
     writers = [w for w in (train, valid) if w is not None]
@@ -346,6 +349,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     except BaseException:
         for w in writers:
             w.abort()
+        remove_empty_dirs(new_dirs)
         raise
     finally:
         bar.close()
