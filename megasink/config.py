@@ -133,6 +133,8 @@ class TrainConfig:
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 3
     """Number of complete checkpoints kept (older ones are deleted); 0 keeps all."""
+    save_checkpoints: bool = True
+    """Write checkpoints at all; false only for benchmarks and smoke runs that keep nothing."""
     resume: str = "auto"
     """auto (resume from run_dir's latest if any), none, or a checkpoint directory."""
     seed: int = 1234

@@ -7,6 +7,7 @@ Trainer API::
     ds.bytes_per_token     # float or None, for bits-per-byte
     loader = build_loader(ds, micro_batch_size, dp_rank, dp_size, seed, shuffle=True)
     batch = loader.next_batch()          # "tokens", "targets", "doc_ids": int64 [B, seq_len]
+    batch = to_device(batch, device)     # on the training device
     sd = loader.state_dict(); loader.load_state_dict(sd)
     for batch in iter_validation_batches(valid_ds, micro_batch_size, num_batches, dp_rank, dp_size): ...
 
@@ -16,7 +17,8 @@ Preprocessing (pyarrow / sentencepiece, imported on use): ``megasink.data.prepro
 from megasink.data.blending import BlendedDataset, blending_index
 from megasink.data.build import build_dataset, parse_data_paths, resolve_prefix
 from megasink.data.indexed import IndexedDataset, IndexedDatasetWriter, IndexedFormatError
-from megasink.data.loader import DataLoader, DataLoaderState, IndexPermutation, build_loader, iter_validation_batches
+from megasink.data.loader import (DataLoader, DataLoaderState, IndexPermutation, build_loader,
+                                  iter_validation_batches, to_device)
 from megasink.data.packing import PackedDataset, SyntheticDataset
 
 __all__ = [
@@ -35,4 +37,5 @@ __all__ = [
     "iter_validation_batches",
     "parse_data_paths",
     "resolve_prefix",
+    "to_device",
 ]

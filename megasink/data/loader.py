@@ -234,3 +234,10 @@ def iter_validation_batches(
     n = loader.rounds_per_epoch if num_batches <= 0 else min(num_batches, loader.rounds_per_epoch)
     for _ in range(n):
         yield loader.next_batch()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on ``device`` (pinned and copied asynchronously to a GPU)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}

@@ -29,6 +29,8 @@ class ParallelDims:
     dp: int
     rank: int = 0
     groups: dict = field(default_factory=dict, repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """This rank's device: cuda:LOCAL_RANK on GPU machines, else the CPU."""
 
     @property
     def world_size(self) -> int:
@@ -163,9 +165,12 @@ def init_distributed(cfg: Config, where: str = "<config>") -> ParallelDims:
     if world == 1:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    # on GPUs: NCCL for CUDA tensors, gloo for the few CPU scalars (flags, loss means) the
+    # trainer reduces; subgroups inherit both
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+        dims.device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))

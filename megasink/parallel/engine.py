@@ -65,8 +65,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims, lr_lam
     """(engine, optimizer, scheduler) for `model` under `dims`."""
     deepspeed = import_deepspeed()
     t = cfg.train
+    cuda = next(model.parameters()).is_cuda  # fused kernels on GPUs; the plain loop on CPUs
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                            eps=1e-8, foreach=False)
+                            eps=1e-8, foreach=False, fused=cuda or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     is_pipe = type(model).__name__ == "PipelineModule"  # it brings its own grid (mpu)
     engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -49,6 +49,7 @@ def _rank0_print(msg: str) -> None:
 
 def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
     """Fine-tuning: mark the shared heads (excluded from the CV) before training starts."""
+    from megasink.data import to_device
     from megasink.model import importance as imp_lib
 
     m = cfg.aux_loss.shared_heads
@@ -59,7 +60,7 @@ def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
 
         loader = build_loader(train_ds, cfg.train.micro_batch_size, dims.dp_rank, dims.dp, cfg.train.seed)
         with torch.no_grad():
-            b = loader.next_batch()
+            b = to_device(loader.next_batch(), dims.device)
             out = model(b["tokens"], b["doc_ids"])
         sums, count = out.gate_sums.clone(), out.gate_count.clone().reshape(1)
         if dims.dp > 1:
@@ -103,6 +104,7 @@ def build_everything(cfg: Config, dims, resume_dir=None):
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model, cfg.aux_loss)  # same weights on every rank: sliced by parallelize
+    model.to(dims.device)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     m = cfg.model
     train_ds = build_dataset(cfg.data, m.seq_len, m.vocab_size, cfg.train.seed, split="train")

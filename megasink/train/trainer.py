@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megasink.config import Config, save_config
+from megasink.data import to_device
 from megasink.model import importance as imp_lib
 from megasink.parallel import stats
 from megasink.parallel.dims import ParallelDims
@@ -147,7 +148,7 @@ class Trainer:
     def _grad_norm_zero0(self) -> float:
         """Global L2 norm of the (data-parallel averaged) gradients, before clipping; each
         tensor-parallel shard counted once, replicated parameters once (on tp rank 0)."""
-        sq = torch.zeros(1)
+        sq = torch.zeros(1, device=self.dims.device)
         for p in self.engine.module.parameters():
             if p.grad is not None and (getattr(p, "tp_shard_dim", None) is not None or self.dims.tp_rank == 0):
                 sq += p.grad.detach().float().pow(2).sum()
@@ -171,8 +172,8 @@ class Trainer:
         from megasink.data import iter_validation_batches
 
         t = self.cfg.train
-        return list(iter_validation_batches(self.valid_ds, t.micro_batch_size, t.eval_steps, self.dims.dp_rank,
-                                            self.dims.dp))
+        return [to_device(b, self.dims.device) for b in iter_validation_batches(
+            self.valid_ds, t.micro_batch_size, t.eval_steps, self.dims.dp_rank, self.dims.dp)]
 
     def _measure_importance(self, on: bool) -> bool:
         """Compute head importance in this step's forward? Without the aux loss vanilla gates
@@ -204,7 +205,9 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        if not self.cfg.train.save_checkpoints:
+            return None
         st = {"counters": {"skipped_steps": self.counters.skipped_steps, "tokens": self.counters.tokens},
               "scheduler": {"last_epoch": self.scheduler.last_epoch}, "loader": self.loader.state_dict()}
         return train_state.save_training_state(self.engine, self.cfg, self.dims, self.counters.step, st,
@@ -268,7 +271,7 @@ class Trainer:
         tokens_per_step = t.global_batch_size * self.cfg.model.seq_len
         window_start, window_steps = time.perf_counter(), 0
         while self.counters.step < t.steps:
-            batches = [self.loader.next_batch() for _ in range(self.accum)]
+            batches = [to_device(self.loader.next_batch(), self.dims.device) for _ in range(self.accum)]
             next_step = self.counters.step + 1
             self._measure_importance(next_step % t.log_interval == 0 or next_step == t.steps)
             res = self.train_step(batches)
