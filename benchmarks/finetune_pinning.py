@@ -1,18 +1,20 @@
 """Fine-tuning with and without the shared/routed split: does balancing pin dormant heads?
 
-Starting from the tiny sink-attention model that `make quickstart` pretrains, three short
+Starting from the sink-attention model that `make quickstart` pretrains *without* the aux
+loss (runs/quickstart-sink-noaux: its top layers' heads have collapsed), three short
 fine-tuning runs on the same data, in one command:
   * plain:   aux_loss.coef 0 (reference);
   * all-routed: aux_loss.coef 1e-2, every head in the CV;
   * shared-m: aux_loss.coef 1e-2, the top-m heads per layer (measured on the starting model
     at step 0) shared and left out of the CV.
+benchmarks/reproduce_small.py runs the same experiment as part of its sweep (one process).
 Printed per run: routed-head CV (mean over layers), the mean gate ("importance") of the
 heads that were least important in the starting model (the formerly dormant ones: the
 bottom m per layer), and validation loss. Without the split, the CV term can only lower
 the CV by lifting dormant heads' gates (pinning them on) or pushing the strong heads down;
 with the dominant heads shared, the routed heads are balanced among themselves.
 
-    make quickstart && python benchmarks/finetune_pinning.py [--steps 120] [--m 1]
+    make quickstart && python benchmarks/finetune_pinning.py [--steps 120] [--m 2]
 """
 from __future__ import annotations
 
@@ -66,10 +68,10 @@ def summarize(run_dir: Path, dormant: torch.Tensor) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="runs/quickstart-sink/checkpoints", help="pretrained megasink checkpoint")
+    ap.add_argument("--base", default="runs/quickstart-sink-noaux/checkpoints", help="pretrained megasink checkpoint")
     ap.add_argument("--data", default=".quickstart/tokens/pydoc", help="token prefix (train + _valid)")
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--m", type=int, default=1, help="shared heads per layer")
+    ap.add_argument("--m", type=int, default=2, help="shared heads per layer")
     ap.add_argument("--runs", default="runs")
     args = ap.parse_args(argv)
     base = REPO / args.base

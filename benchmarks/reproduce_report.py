@@ -29,22 +29,20 @@ def read_run(run_dir: Path) -> dict | None:
     if not train:
         return None
     steps = sorted(train)
-    last = train[steps[-1]]
-    tail = [train[s]["loss"] for s in steps if s >= 0.9 * steps[-1]]
+    tail_steps = [s for s in steps if s >= 0.9 * steps[-1]]
+    tail = [train[s]["loss"] for s in tail_steps]
+    cv = [sum(train[s]["cv"][layer] for s in tail_steps) / len(tail_steps) for layer in range(len(train[steps[-1]]["cv"]))]
     imp_steps = [s for s in steps if "importance" in train[s]]
     imp = train[imp_steps[-1]]["importance"] if imp_steps else None
     vsteps = sorted(val)
     out = {"step": steps[-1], "done": (run_dir / "done.json").exists(),
-           "train_loss": sum(tail) / len(tail), "cv": last["cv"], "cv_mean": sum(last["cv"]) / len(last["cv"]),
-           "cv_max": max(last["cv"]), "cv_peak": max(max(train[s]["cv"]) for s in steps),
+           "train_loss": sum(tail) / len(tail), "cv": cv, "cv_mean": sum(cv) / len(cv), "cv_max": max(cv), "cv_peak": max(max(train[s]["cv"]) for s in steps),
            "cv_first": max(train[steps[0]]["cv"]), "importance": imp,
            "dormant": dormant_count(imp) if imp else float("nan"),
            "cv_curve": ([s for s in steps], [train[s]["cv"] for s in steps]),
            "val_curve": (vsteps, [val[s]["val_loss"] for s in vsteps]),
            "val_loss": val[vsteps[-1]]["val_loss"] if vsteps else float("nan"),
            "val_bpb": val[vsteps[-1]].get("val_bpb", float("nan")) if vsteps else float("nan")}
-    if "importance_routed_mean" in last:
-        out["routed_mean"] = last["importance_routed_mean"]
     return out
 
 
@@ -75,7 +73,8 @@ def collect(out: Path, runs) -> tuple[dict, dict]:
         if s is not None:
             s["run"] = run
             by_run[run.name] = s
-            groups.setdefault(run.group, []).append(s)
+            if s["done"]:  # the claims and the per-setting table use finished runs only
+                groups.setdefault(run.group, []).append(s)
     return by_run, groups
 
 
@@ -97,13 +96,15 @@ def _grid_cells(runs, by_run):
     for run in runs:
         if run.finetune or run.seed != 1:
             continue
-        variant = run.group.rsplit("-", 1)[0]
+        variant = run.group[:-len(lam_tag(run.coef)) - 1]
         col = ("λ=" + (f"{run.coef:g}" if run.coef else "0")) + (" N_h·CV²" if "-nh" in variant else "")
         row = variant.replace("-nh", "")
         rows += [row] if row not in rows else []
         cols += [col] if col not in cols else []
         cells[(row, col)] = by_run.get(run.name)
     rows.sort(key=lambda r: VARIANT_ROWS.index(r) if r in VARIANT_ROWS else 99)
+    order = {c: ("N_h" in c, float(c.split("=")[1].split()[0])) for c in cols}
+    cols.sort(key=order.get)
     return rows, cols, cells
 
 
@@ -136,7 +137,8 @@ def plot_cv_curves(path: Path, runs, by_run) -> None:
 def plot_heatmaps(path: Path, runs, by_run) -> None:
     plt = _plt()
     rows, cols, cells = _grid_cells(runs, by_run)
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.8 * len(cols) + 1, 1.9 * len(rows) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.6 * len(cols) + 1, 2.0 * len(rows) + 0.8), squeeze=False,
+                             constrained_layout=True)
     im = None
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
@@ -165,7 +167,8 @@ def plot_val_curves(path: Path, runs, by_run) -> None:
                 ax.plot(*s["val_curve"], marker="o", ms=3, label=col)
         ax.set_title(row, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     axes[0][0].set_ylabel("validation loss", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -204,7 +207,8 @@ def plot_vs_lambda(path: Path, groups: dict, lambdas) -> None:
 def plot_finetune(path: Path, base: dict, fts: list[tuple[str, dict]]) -> None:
     plt = _plt()
     panels = [("starting model", base)] + fts
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels) + 1, 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels) + 1, 2.8), squeeze=False,
+                             constrained_layout=True)
     im = None
     for ax, (name, s) in zip(axes[0], panels):
         im = draw_importance(ax, s["importance"], f"{name}: {s['dormant']} dormant")
@@ -302,6 +306,11 @@ def regime_lines(groups) -> list[str]:
     return out + ["  (collapsed: a peak max per-layer CV of at least 0.2 or a dormant head at the end.)"]
 
 
+def _by_lambda(groups, v, key) -> str:
+    coefs = sorted({s["run"].coef for g in groups.values() for s in g if s["run"].group.startswith(v + "-l")})
+    return ", ".join(f"{c:g}: {_m(_g(groups, v, c), key):.3f}" for c in coefs)
+
+
 def claim_cv(groups, best) -> list[str]:
     out = []
     for v in VARIANT_ROWS:
@@ -309,15 +318,17 @@ def claim_cv(groups, best) -> list[str]:
         if not base or not cure:
             continue
         pairs = [(b, c) for b in base for c in cure if b["run"].seed == c["run"].seed]
-        lower = all(c["cv_max"] < b["cv_max"] for b, c in pairs)
+        n_lower = sum(c["cv_max"] < b["cv_max"] for b, c in pairs)
         ratio = _m(base, "cv_max") / max(_m(cure, "cv_max"), 1e-9)
-        state = (f"baseline collapsed (peak max CV {_m(base, 'cv_peak'):.2f}, {_m(base, 'dormant'):.1f} dormant heads at the end)"
-                 if _collapsed(base) else f"baseline did not collapse (peak max CV {_m(base, 'cv_peak'):.3f})")
-        sweep = ", ".join(f"{c:g}: {_m(_g(groups, v, c), 'cv_max'):.3f}" for c in sorted({s['run'].coef for g in groups.values() for s in g if s['run'].group.startswith(v + '-l')}) if _g(groups, v, c))
+        if _collapsed(base):
+            state = f"baseline collapsed (peak max CV {_m(base, 'cv_peak'):.2f}, {_m(base, 'dormant'):.1f} dormant heads)"
+        else:
+            state = f"baseline did not collapse (peak max CV {_m(base, 'cv_peak'):.3f})"
+        lower = pairs and n_lower == len(pairs)
         verdict = "**holds**" if lower and ratio >= 2 else ("holds weakly" if lower else "**does not hold**")
         out.append(f"  - {v}: {state}; final max CV {_m(base, 'cv_max'):.3f} → {_m(cure, 'cv_max'):.3f} at λ={best:g} "
-                   f"({ratio:.1f}x lower, lower in {sum(c['cv_max'] < b['cv_max'] for b, c in pairs)}/{len(pairs)} seed pairs): {verdict}. "
-                   f"Max CV by λ: {sweep}.")
+                   f"({ratio:.1f}x lower; lower in {n_lower}/{len(pairs)} seed pairs): {verdict}. "
+                   f"Final max CV by λ: {_by_lambda(groups, v, 'cv_max')}.")
     return out
 
 
@@ -430,10 +441,10 @@ def write_report(out: Path, runs, command: str, smoke: bool = False, notes: list
              "Written by `benchmarks/reproduce_small.py` from the runs' `metrics.jsonl`. Command:", "",
              f"    {command}", "",
              f"Runs finished: {len(runs) - len(missing)} of {len(runs)}" + (f" (missing: {', '.join(missing)})" if missing else "") + ".",
-             "Importance is the mean gate of a head (DESIGN section 1's definition, measured on the last "
-             "logged training batch); CV is std/mean of a layer's head importances; a head is *dormant* when its "
-             f"importance is below {DORMANT} x its layer's mean. Train loss: mean of the logged losses over the "
-             "last 10% of steps; validation loss and bits/byte: the last evaluation. Settings with two seeds read "
+             "Importance is the mean gate of a head over a training batch; CV is std/mean of a layer's head "
+             "importances (final CV: the mean of the logged CVs over the last 10% of steps); a head is *dormant* "
+             f"when its final importance is below {DORMANT} x its layer's mean. Train loss: mean of the logged "
+             "losses over the last 10% of steps; validation loss and bits/byte: the last evaluation. Settings with two seeds read "
              "mean ± half the range. `-nh`: `aux_loss.scale_by_heads=true` (each layer's CV² times its 8 heads); "
              "`-bos`: a BOS token at the start of every document (`tools/preprocess_data.py --prepend-bos`).", ""]
     lines += ["## Regimes tried", "", "In this sweep:", ""] + regime_lines(groups) + [""]
