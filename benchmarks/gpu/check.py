@@ -1,228 +1,302 @@
 #!/usr/bin/env python
-"""GPU numerics against the CPU reference, and GPU step timings, in one short run.
+"""The one-call GPU check: numerics of the CUDA routes against the CPU float64 reference, then
+the real training CLI and a Hugging Face baseline, one stage per call (run.sh runs them in
+priority order, each under its own timeout, each writing ``OUT/<stage>.json`` when done).
 
-For a session lent a GPU (benchmarks/gpu/run.sh calls this). Needs only torch, pyyaml and
-the megasink package from the working tree; writes everything to ``--out`` as JSON and
-prints markdown tables.
+Stages:
+  kernels  varlen (bf16) and flex (fp32): out, lse, dq, dk, dv for a loss on out *and* lse,
+           packed documents (a padding run, a length-1 document) and GQA, against eager
+           attention in float64 on the CPU from the same (rounded) inputs.
+  model    the three variants' (LM + aux) parameter gradients, varlen in bf16 and flex in fp32,
+           against the same weights in float64 on the CPU with the eager route.
+  cli      ``megasink train configs/0.6b-sink.yaml`` on synthetic data: bf16, one GPU, NCCL,
+           ZeRO-1, no activation checkpointing, no checkpoint writes, aux loss on, compile off
+           (``--compile`` on), micro-batch from a memory estimate; tokens/s and MFU from metrics.jsonl.
+  hf       HF ``LlamaForCausalLM`` (sdpa, bf16, same dims and batch, one document per row,
+           fused AdamW, no compile) against megasink run the same way: tokens/s and their ratio.
 
-1. Kernel: ``attention_with_lse`` on the device (flash: the fused kernel with the shifted-O
-   backward; flex: FlexAttention, also with document masking) against the eager reference
-   computed in float64 on the CPU, for a loss on out *and* lse (so dLSE is carried):
-   relative error of out, lse, dq, dk, dv. fp32 with TF32 off (target <= 1e-4) and bf16
-   (reported).
-2. Model: every variant, the gradients of (LM loss + aux loss) of a small model on the device
-   (backend auto) against the same model in float64 on the CPU with the eager backend
-   (target <= 1e-4 relative per parameter, fp32, TF32 off).
-3. Timing (bf16, backend auto): one training step fwd + bwd + AdamW of a 0.6B-shaped model
-   (configs/0.6b-*.yaml dimensions, fewer layers by ``--layers``) with the aux loss off and on,
-   interleaved rounds, CUDA events; tokens/s and on/off - 1 per variant; and flash vs eager
-   attention fwd+bwd at T = 2048 / 4096.
+``--dry-run`` runs every stage's logic on the CPU with tiny shapes (the CPU flash route
+stands in for varlen, eager for flex; the CLI on a 2-layer 0.6b-shaped model): tests run it.
 
-    python benchmarks/gpu/check.py --out /tmp/gpu.json
-    python benchmarks/gpu/check.py --device cpu --quick     # the logic, on CPU (tests it here)
+    python benchmarks/gpu/check.py kernels --out /tmp/gpu
+    python benchmarks/gpu/check.py cli --dry-run --out /tmp/dry
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
+import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+
+TOL = {torch.bfloat16: 3e-2, torch.float32: 1e-4, torch.float64: 1e-9}  # relative, per tensor
 
 
 def rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def kernel_check(device, dtype, backend: str, docs: bool, T: int = 256) -> dict:
-    """Device kernel vs float64 eager on the CPU: out, lse and the grads of a loss on both."""
-    import torch
+def _doc_ids(B: int, T: int) -> torch.Tensor:
+    """Packed rows: documents of several lengths, a length-1 document, a padding run (-1) at the end."""
+    doc = torch.zeros(B, T, dtype=torch.long)
+    for cut in (T // 5, T // 5 + 1, T // 2):
+        doc[:, cut:] += 1
+    doc[0, 7 * T // 8:] = -1
+    return doc
 
+
+def kernel_case(device, dtype, backend: str, T: int) -> dict:
     from megasink.model.kernels import SeqInfo, attention_with_lse
 
     g = torch.Generator().manual_seed(0)
     B, nh, nkv, hd = 2, 8, 2, 64
-    q, k, v = (torch.randn(B, n, T, hd, generator=g, dtype=torch.float64) for n in (nh, nkv, nkv))
-    w_out, w_lse = torch.randn(B, nh, T, hd, generator=g, dtype=torch.float64), torch.randn(B, nh, T, generator=g,
-                                                                                            dtype=torch.float64)
-    doc = None
-    if docs:
-        doc = torch.zeros(B, T, dtype=torch.long)
-        for cut in (T // 5, T // 2, 3 * T // 4):
-            doc[:, cut:] += 1
+    q, k, v = (torch.randn(B, n, T, hd, generator=g).to(dtype) for n in (nh, nkv, nkv))  # rounded once
+    w_out, w_lse = torch.randn(B, nh, T, hd, generator=g), torch.randn(B, nh, T, generator=g)
+    doc = _doc_ids(B, T)
 
     def run(dev, dt, be):
         xs = [x.to(dev, dt).requires_grad_() for x in (q, k, v)]
-        seq = SeqInfo.build(torch.zeros(B, T, dtype=torch.long, device=dev), None if doc is None else doc.to(dev))
+        seq = SeqInfo.build(doc.to(dev), doc.to(dev))
         out, lse = attention_with_lse(*xs, backend=be, seq=seq)
-        loss = (out.double() * w_out.to(dev)).sum() + (lse.double() * w_lse.to(dev)).sum()
-        grads = torch.autograd.grad(loss, xs)
-        return [t.detach().cpu() for t in (out, lse, *grads)]
+        loss = (out.double() * w_out.to(dev, torch.float64)).sum() + (lse.double() * w_lse.to(dev, torch.float64)).sum()
+        return [t.detach().cpu() for t in (out, lse, *torch.autograd.grad(loss, xs))]
 
-    ref = run(torch.device("cpu"), torch.float64, "eager")
-    got = run(device, dtype, backend)
-    return {name: rel(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+    ref, got = run(torch.device("cpu"), torch.float64, "eager"), run(device, dtype, backend)
+    errs = {name: rel(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+    return {"backend": backend, "dtype": str(dtype).split(".")[1], "T": T, **errs, "tol": TOL[dtype],
+            "ok": max(errs.values()) <= TOL[dtype]}
 
 
-def model_check(device, variant: str, backend: str = "auto") -> dict:
-    """(LM + aux) gradients of a small model on the device vs float64 eager on the CPU."""
-    import torch
+def model_case(device, dtype, backend: str, variant: str) -> dict:
+    import copy
 
     from megasink.config import AuxLossConfig, ModelConfig
     from megasink.model.transformer import Transformer
 
-    cfg = ModelConfig(attention=variant, n_layers=2, n_heads=4, n_kv_heads=2, d_model=128, vocab_size=256,
-                      seq_len=128, attention_backend=backend, init_std=0.1)
+    cfg = ModelConfig(attention=variant, n_layers=2, n_heads=4, n_kv_heads=2, d_model=256, vocab_size=512,
+                      seq_len=256, init_std=0.1)
     torch.manual_seed(0)
-    base = Transformer(cfg, AuxLossConfig(coef=1.0))
+    base = Transformer(cfg, AuxLossConfig(coef=1.0)).to(dtype)  # the weights both sides start from
     with torch.no_grad():
         for name, p in base.named_parameters():
             if name.endswith(("sinks", "gate_bias")):
                 p.copy_(torch.randn_like(p))
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(1))
+    doc = _doc_ids(2, cfg.seq_len)
 
     def grads(dev, dt, be):
-        import copy
-
         m = copy.deepcopy(base).to(dev, dt)
         m.cfg.attention_backend = be
-        out = m(tokens.to(dev), None, targets=tokens.roll(-1, 1).to(dev))
+        out = m(tokens.to(dev), doc.to(dev), targets=tokens.roll(-1, 1).to(dev))
         (out.loss + out.aux_loss).backward()
-        return {n: p.grad.detach().cpu() for n, p in m.named_parameters()}, float(out.aux_loss.detach())
+        return {n: p.grad.detach().cpu() for n, p in m.named_parameters()}, float(out.aux_loss)
 
-    ref, aux_ref = grads(torch.device("cpu"), torch.float64, "eager")
-    got, aux = grads(device, torch.float32, backend)
+    (ref, aux_ref), (got, aux) = grads(torch.device("cpu"), torch.float64, "eager"), grads(device, dtype, backend)
     worst = max(ref, key=lambda n: rel(got[n], ref[n]))
-    return {"max_rel_grad": rel(got[worst], ref[worst]), "worst_param": worst,
-            "aux_rel": abs(aux - aux_ref) / abs(aux_ref)}
+    tol = 5 * TOL[dtype]  # a whole model's rounding in that dtype
+    return {"variant": variant, "backend": backend, "dtype": str(dtype).split(".")[1], "worst_param": worst,
+            "max_rel_grad": rel(got[worst], ref[worst]), "aux_rel": abs(aux - aux_ref) / abs(aux_ref), "tol": tol,
+            "ok": rel(got[worst], ref[worst]) <= tol}
 
 
-def timed(fn, device, reps: int) -> list:
-    import torch
+def routes(device) -> list:
+    """(dtype, backend) pairs to check: the CUDA routes, or their CPU stand-ins in a dry run."""
+    if device.type == "cuda":
+        return [(torch.bfloat16, "varlen"), (torch.float32, "flex")]
+    return [(torch.float32, "flash"), (torch.float32, "eager")]
 
-    out = []
+
+def stage_kernels(device, dry: bool) -> dict:
+    cases = []
+    for dtype, backend in routes(device):
+        for T in ((64,) if dry else (256, 1024)):
+            cases.append(_guarded(kernel_case, device, dtype, backend, T))
+            print("kernel", cases[-1], flush=True)
+    return {"cases": cases, "ok": all(c.get("ok") for c in cases)}
+
+
+def stage_model(device, dry: bool) -> dict:
+    cases = []
+    for dtype, backend in routes(device):
+        for variant in ("vanilla", "sink", "gated"):
+            cases.append(_guarded(model_case, device, dtype, backend, variant))
+            print("model", cases[-1], flush=True)
+    return {"cases": cases, "ok": all(c.get("ok") for c in cases)}
+
+
+def _guarded(fn, *args) -> dict:
+    """fn's result, or its error: one broken route should not hide the others."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        return {"args": [str(a) for a in args[1:]], "error": f"{type(e).__name__}: {e}", "ok": False}
+
+
+# ------------------------------------------------------------------ the CLI and the HF baseline
+
+DRY_MODEL = ["model.n_layers=2", "model.d_model=128", "model.n_heads=2", "model.n_kv_heads=2", "model.vocab_size=512",
+             "model.seq_len=128"]
+
+
+def model_config(dry: bool):
+    from megasink.config import load_config
+
+    return load_config(os.path.join(ROOT, "configs/0.6b-sink.yaml"), DRY_MODEL if dry else [])
+
+
+def micro_batch_for_memory(m, free_bytes: float, safety: float = 0.5) -> int:
+    """Sequences per micro-batch that fit ``safety`` of the free memory, from an estimate: 20 bytes
+    per parameter (bf16 weights and gradients, fp32 master weights and AdamW moments) and, per
+    token, each layer's saved activations without recomputation (~42 d + 8 ffn bytes: bf16 tensors
+    plus the fp32 copies RMSNorm and RoPE make) and the logits' bf16 / fp32 / gradient (10 V bytes)."""
+    from megasink.train.metrics import flops_per_token
+
+    params = (flops_per_token(m) - 12 * m.n_layers * m.d_model * m.seq_len) / 6 + m.d_model * m.vocab_size
+    states = 20 * params
+    per_token = m.n_layers * (42 * m.d_model + 8 * m.ffn_dim) + 10 * m.vocab_size
+    return max(1, int((safety * free_bytes - states) // (per_token * m.seq_len)))
+
+
+def _free_bytes(device) -> float:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8e9
+
+
+def stage_cli(device, dry: bool, compile_: bool, out_dir: str) -> dict:
+    m = model_config(dry).model
+    mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
+    steps, log = (4, 2) if dry else (30, 5)
+    run_dir = os.path.join(out_dir, f"cli-compile-{int(compile_)}")
+    args = [sys.executable, "-m", "megasink.train", "configs/0.6b-sink.yaml", "data.path=[synthetic]",
+            f"train.steps={steps}", f"train.log_interval={log}", "train.eval_interval=0", "train.save_checkpoints=false",
+            "train.activation_checkpointing=false", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
+            "train.warmup_steps=2", "train.progress=false", "parallel.zero_stage=1", "aux_loss.coef=1e-4",
+            f"train.compile={str(compile_).lower()}", "train.resume=none", f"run_dir={run_dir}",
+            f"train.importance_interval={steps}"]
+    args += DRY_MODEL + ["train.precision=fp32", "train.compile_backend=aot_eager"] if dry else ["train.precision=bf16"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    t0 = time.time()
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    records = []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        records = [r for r in map(json.loads, open(path)) if "tokens_per_s" in r]
+    steady = records[1:] or records  # the first window holds start-up (and compilation)
+    res = {"compile": compile_, "micro_batch": mb, "seq_len": m.seq_len, "rc": proc.returncode,
+           "wall_s": round(time.time() - t0, 1), "records": len(records),
+           "tokens_per_s": _median([r["tokens_per_s"] for r in steady]), "mfu": _median([r["mfu"] for r in steady]),
+           "loss_first_last": [records[0]["loss"], records[-1]["loss"]] if records else None,
+           "ok": proc.returncode == 0 and len(records) > 0}
+    if proc.returncode != 0:
+        res["stderr_tail"] = proc.stderr[-3000:]
+    return res
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def _time_steps(step, device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
 
 
-def step_timing(device, variant: str, layers: int, batch: int, seq: int, reps: int) -> dict:
-    """bf16 train step of the 0.6B dimensions with `layers` layers, aux off vs on, interleaved."""
-    import torch
+def _train_step(model, opt, tokens, forward):
+    def step():
+        loss = forward(model, tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
-    from megasink.config import AuxLossConfig, load_config
+
+def stage_hf(device, dry: bool) -> dict:
+    """HF Llama vs megasink, same dims, batch, dtype and optimizer; one document per row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megasink.config import AuxLossConfig
     from megasink.model.transformer import Transformer
+    from megasink.train.metrics import flops_per_token
 
-    m = load_config(os.path.join(ROOT, f"configs/0.6b-{variant}.yaml"), [f"model.n_layers={layers}",
-                                                                          f"model.seq_len={seq}"]).model
-    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokens = torch.randint(0, m.vocab_size, (batch, seq + 1), device=device)
-    steps = {}
-    for mode, coef in (("off", 0.0), ("on", 1e-4)):
+    cfg = model_config(dry)
+    m = cfg.model
+    mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
+    dt = torch.float32 if dry else torch.bfloat16
+    tokens = torch.randint(0, m.vocab_size, (mb, m.seq_len + 1), device=device)
+    warm, reps = (1, 2) if dry else (3, 10)
+    fused = device.type == "cuda" or None
+    hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
+                         num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                         num_key_value_heads=m.kv_heads, max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps,
+                         rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa")
+    res = {"micro_batch": mb, "seq_len": m.seq_len}
+    for name, build, fwd in (
+            ("hf", lambda: LlamaForCausalLM(hf_cfg),
+             lambda mod, t: mod(input_ids=t[:, :-1], labels=t[:, :-1]).loss),
+            ("megasink", lambda: Transformer(m, AuxLossConfig(coef=cfg.aux_loss.coef)),
+             lambda mod, t: (lambda o: o.loss + o.aux_loss)(mod(t[:, :-1], None, targets=t[:, 1:])))):
         torch.manual_seed(0)
-        model = Transformer(m, AuxLossConfig(coef=coef)).to(device, dt)
-        model.measure_importance = coef > 0
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model = build().to(device, dt)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        sec = _time_steps(_train_step(model, opt, tokens, fwd), device, warm, reps)
+        res[f"{name}_tokens_per_s"] = mb * m.seq_len / sec
+        del model, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    res["ratio"] = res["megasink_tokens_per_s"] / res["hf_tokens_per_s"]
+    if device.type == "cuda":
+        from megasink.train.metrics import peak_flops
 
-        def step(model=model, opt=opt):
-            out = model(tokens[:, :-1], None, targets=tokens[:, 1:])
-            (out.loss + out.aux_loss).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        steps[mode] = step
-    for fn in steps.values():
-        timed(fn, device, 2)  # warm-up
-    times = {"off": [], "on": []}
-    for r in range(reps):
-        for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-            times[mode] += timed(steps[mode], device, 1)
-    off, on = statistics.median(times["off"]), statistics.median(times["on"])
-    ratios = [a / b for a, b in zip(times["on"], times["off"])]
-    return {"variant": variant, "layers": layers, "batch": batch, "seq": seq, "off_s": off, "on_s": on,
-            "tokens_per_s_off": batch * seq / off, "overhead": statistics.median(ratios) - 1}
-
-
-def attention_timing(device, T: int, reps: int) -> dict:
-    import torch
-
-    from megasink.model.kernels import SeqInfo, attention_with_lse
-
-    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    B, nh, nkv, hd = 2, 16, 4, 128
-    q, k, v = (torch.randn(B, n, T, hd, device=device, dtype=dt, requires_grad=True) for n in (nh, nkv, nkv))
-    seq = SeqInfo.build(torch.zeros(B, T, dtype=torch.long, device=device))
-    res = {}
-    for be in ("flash", "eager"):
-        def f(be=be):
-            out, lse = attention_with_lse(q, k, v, backend=be, seq=seq)
-            (out.float().sum() + lse.sum()).backward()
-            q.grad = k.grad = v.grad = None
-        timed(f, device, 2)
-        res[be] = statistics.median(timed(f, device, reps))
-    return {"T": T, "flash_s": res["flash"], "eager_s": res["eager"], "speedup": res["eager"] / res["flash"]}
+        res["megasink_mfu"] = res["megasink_tokens_per_s"] * flops_per_token(m) / peak_flops()[0]
+    res["ok"] = True
+    return res
 
 
 def main(argv=None) -> int:
-    import torch
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true", help="small shapes (for a CPU dry run)")
-    ap.add_argument("--layers", type=int, default=4, help="layers of the 0.6B-shaped timing model")
-    ap.add_argument("--out", default="gpu_check.json")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["kernels", "model", "cli", "hf"])
+    ap.add_argument("--compile", action="store_true", help="cli: train with train.compile=true")
+    ap.add_argument("--dry-run", action="store_true", help="the logic on the CPU, tiny shapes")
+    ap.add_argument("--out", default="gpu_check", help="folder for <stage>.json (and the CLI run directories)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks at fp32 precision
         torch.backends.cudnn.allow_tf32 = False
-        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    res: dict = {"device": str(device), "torch": torch.__version__, "kernel": [], "model": [], "steps": [],
-                 "attention": []}
-    cases = [("flash", False)] + ([("flex", False), ("flex", True)] if device.type == "cuda" else [("flash", True)])
-    for dt_name in ("float32", "bfloat16"):
-        for backend, docs in cases:
-            try:
-                r = kernel_check(device, getattr(torch, dt_name), backend, docs, T=64 if args.quick else 256)
-            except Exception as e:  # report, keep going: one broken backend should not hide the rest
-                r = {"error": f"{type(e).__name__}: {e}"}
-            res["kernel"].append({"dtype": dt_name, "backend": backend, "docs": docs, **r})
-            print("kernel", res["kernel"][-1], flush=True)
-    for variant in ("vanilla", "sink", "gated"):
-        res["model"].append({"variant": variant, **model_check(device, variant)})
-        print("model", res["model"][-1], flush=True)
-    seqs = (256,) if args.quick else (2048,)
-    for variant in ("vanilla", "sink", "gated"):
-        for seq in seqs:
-            res["steps"].append(step_timing(device, variant, 1 if args.quick else args.layers, 2 if args.quick else 4,
-                                            seq, 3 if args.quick else 10))
-            print("step", res["steps"][-1], flush=True)
-    for T in ((256,) if args.quick else (2048, 4096)):
-        res["attention"].append(attention_timing(device, T, 3 if args.quick else 10))
-        print("attention", res["attention"][-1], flush=True)
-    fp32 = [r for r in res["kernel"] if r["dtype"] == "float32"]
-    res["kernel_fp32_ok"] = all("error" not in r and max(r[k] for k in ("out", "lse", "dq", "dk", "dv")) <= 1e-4
-                                for r in fp32)
-    res["model_ok"] = all(r["max_rel_grad"] <= 1e-4 for r in res["model"])
-    with open(args.out, "w") as f:
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    if args.stage == "kernels":
+        res = stage_kernels(device, args.dry_run)
+    elif args.stage == "model":
+        res = stage_model(device, args.dry_run)
+    elif args.stage == "cli":
+        res = stage_cli(device, args.dry_run, args.compile, args.out)
+    else:
+        res = stage_hf(device, args.dry_run)
+    res.update(stage=args.stage, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               torch=torch.__version__, seconds=round(time.time() - t0, 1))
+    name = args.stage + ("-compile" if args.compile else "")
+    tmp = os.path.join(args.out, f".{name}.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(res, f, indent=2)
-    print(f"kernel fp32 <= 1e-4: {res['kernel_fp32_ok']}; model grads <= 1e-4: {res['model_ok']}; wrote {args.out}")
-    return 0 if res["kernel_fp32_ok"] and res["model_ok"] else 1
+    os.replace(tmp, os.path.join(args.out, f"{name}.json"))
+    print(json.dumps({k: v for k, v in res.items() if k != "cases"}), flush=True)
+    return 0 if res.get("ok") else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""benchmarks/gpu/run.sh --dry-run: the one-call GPU check's logic on the CPU (every stage runs
+and writes its JSON with numbers that parse), so a session lent a GPU spends its minutes measuring."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/gpu/run.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + (tmp_path / "check.log").read_text()[-3000:]
+    res = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(res) == {"kernels", "model", "cli", "cli-compile", "hf"}
+    assert all(r["ok"] for r in res.values())
+    for case in res["kernels"]["cases"] + res["model"]["cases"]:
+        assert 0 <= max(v for k, v in case.items() if k in ("out", "lse", "dq", "dk", "dv", "max_rel_grad")) <= case["tol"]
+    for name in ("cli", "cli-compile"):
+        assert res[name]["tokens_per_s"] > 0 and 0 < res[name]["mfu"] < 1 and res[name]["records"] >= 1
+    assert res["cli-compile"]["compile"] is True
+    assert res["hf"]["ratio"] > 0
