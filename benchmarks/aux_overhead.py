@@ -27,8 +27,8 @@ What it measures, in one run, on one process:
 
    For the diagnosis it also times (low noise, one layer's shapes) the flash backward
    plain (no lse gradient), with the lse gradient as megasink runs it (the kernel's own
-   backward with O shifted in one column, kernels.flash_backward) and as the augmented-value
-   fallback (and its padded copies alone), both checked against the eager reference.
+   backward with O shifted in one column, kernels/lse_grad.py) and as the augmented-value
+   fallback, both checked against the eager reference.
 
 2. Flash vs eager. fwd+bwd (no optimizer) of the tiny model with the aux loss on, at
    sequence lengths 256, 512, 1024 with the same tokens per batch, ``flash`` against
@@ -229,14 +229,16 @@ def attribute(m, B: int, docs: bool, reps: int, clock: str) -> dict:
 
 
 def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
-    """For one layer's attention shapes, in the model's token-major layout: the flash backward
-    plain (no lse gradient), with the lse gradient as megasink runs it (kernels.flash_backward:
-    the kernel's own backward on O shifted in one column, in place on the CPU) and as the
-    augmented-value fallback (and its padded copies alone), both checked against eager."""
+    """For one layer's attention shapes, in the model's token-major layout: the CPU flash
+    backward plain (no lse gradient), with the lse gradient as megasink runs it
+    (kernels/lse_grad.py: the kernel's own backward on O shifted in one column) and as the
+    augmented-value fallback, both checked against eager."""
     import torch
 
-    from megasink.model.kernels import (SeqInfo, _augment, _augmented_bwd, _flash_bwd, eager_attention,
-                                        flash_backward, flash_forward)
+    from megasink.model.kernels import SeqInfo
+    from megasink.model.kernels.cpu_flash import cpu_flash_fwd
+    from megasink.model.kernels.eager import eager_attention
+    from megasink.model.kernels.lse_grad import augmented_backward, backward_with_lse_grad
 
     g = torch.Generator().manual_seed(0)
     H, nkv, hd, T = m.n_heads, m.kv_heads, m.head_dim, m.seq_len
@@ -244,20 +246,19 @@ def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
     k, v = (torch.randn(B, T, nkv, hd, generator=g).transpose(1, 2) for _ in range(2))
     tokens, doc, _ = make_batch(m, B, docs)
     seq = SeqInfo.build(tokens, doc)
-    mask = seq.additive_mask(q.dtype) if docs else None
+    mask = seq.additive_mask(q.dtype)
     scale = hd ** -0.5
-    out, lse, ex = flash_forward(q, k, v, scale, mask)
+    out, lse = cpu_flash_fwd(q, k, v, mask, scale, True)
     dout = torch.randn(B, T, H, hd, generator=g).transpose(1, 2)
     dlse = torch.randn(lse.shape, generator=g)
 
-    def copies():
-        return (_augment(v.repeat_interleave(H // nkv, 1), torch.ones_like(lse), 1), _augment(dout, dlse, 1),
-                _augment(q, None, 1), _augment(k.repeat_interleave(H // nkv, 1), None, 1), _augment(out, None, 1))
+    def kernel_bwd(dout, q, k, v, out):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, mask is None, attn_mask=mask, scale=scale)
 
-    cases = {"plain": lambda: _flash_bwd(dout, q, k, v, out, lse, scale, mask, ex),
-             "augmented": lambda: _augmented_bwd(dout, dlse, q, k, v, out, lse, scale, mask, ex),
-             "copies": copies,
-             "shifted": lambda: flash_backward(dout, dlse, q, k, v, out, lse, scale, mask, ex)}
+    cases = {"plain": lambda: kernel_bwd(dout, q, k, v, out),
+             "augmented": lambda: augmented_backward(kernel_bwd, dout, dlse, q, k, v, out),
+             "shifted": lambda: backward_with_lse_grad(kernel_bwd, dout, dlse, q, k, v, out)}
     t = interleaved(cases, reps=reps, warmup=3, clock=clock)
     qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
     o_ref, l_ref = eager_attention(qr, kr, vr, scale, seq)
@@ -268,7 +269,6 @@ def backward_split(m, B: int, docs: bool, reps: int, clock: str) -> dict:
             "err_shifted": errs["shifted"], "shape": f"{B}x{H}x{T}x{hd}"}
 
 
-# --------------------------------------------------------------------------- part 1
 def run_aux(args, docs: bool) -> list[dict]:
     rows = []
     for size in args.sizes.split(","):
@@ -331,18 +331,18 @@ def print_aux(rows, target_pct):
     split = [r for r in rows if "split" in r]
     if split:
         print("\n#### vanilla: the flash backward of one layer, plain vs with the lse gradient\n")
-        print(table(["model", "B x H x T x hd", "plain ms", "augmented (fallback) ms", "of which copies ms",
+        print(table(["model", "B x H x T x hd", "plain ms", "augmented (fallback) ms",
                      "shifted-out (used) ms", "err augmented", "err shifted-out", "augmented: +% of step",
                      "shifted-out: +% of step"],
                     [[r["size"], r["split"]["shape"], ms(r["split"]["plain_s"]), ms(r["split"]["augmented_s"]),
-                      ms(r["split"]["copies_s"]), ms(r["split"]["shifted_s"]), f"{r['split']['err_augmented']:.1e}",
+                      ms(r["split"]["shifted_s"]), f"{r['split']['err_augmented']:.1e}",
                       f"{r['split']['err_shifted']:.1e}",
                       pct(r["n_layers"] * (r["split"]["augmented_s"] - r["split"]["plain_s"]) / r["off_s"]),
                       pct(r["n_layers"] * (r["split"]["shifted_s"] - r["split"]["plain_s"]) / r["off_s"])]
                      for r in split]))
-        print("\nshifted-out: megasink's backward with an lse gradient (kernels.flash_backward: the kernel's own "
-              "backward with out'[:, 0] = O[:, 0] - dLSE / dO[:, 0], so D' = rowsum(dO out') = D - dLSE; in place "
-              "on the CPU); augmented: its fallback for rows with dLSE but dO[:, 0] = 0 (5 padded copies, kernel "
+        print("\nshifted-out: megasink's backward with an lse gradient (kernels/lse_grad.py: the kernel's own "
+              "backward with out'[:, 0] = O[:, 0] - dLSE / dO[:, 0], so D' = rowsum(dO out') = D - dLSE, on a copy "
+              "of O); augmented: its fallback for rows with dLSE but dO[:, 0] = 0 (padded copies, kernel "
               "at hd + 1); "
               "err: max relative error of dq, dk, dv against the eager reference.")
 
