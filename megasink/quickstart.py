@@ -133,10 +133,12 @@ def difference(aux: dict, noaux: dict) -> list[str]:
     lines = [f"largest per-layer CV: {b:.3f} without the aux loss (layer {layer}) vs {a:.3f} with it "
              f"({b / max(a, 1e-9):.1f}x); dormant heads (importance < 0.5 x layer mean): {noaux['dormant']} vs "
              f"{aux['dormant']}; val loss {noaux.get('val_loss', float('nan')):.3f} vs {aux.get('val_loss', float('nan')):.3f}."]
+    dv = aux.get("val_loss", float("nan")) - noaux.get("val_loss", float("nan"))
+    cost = f"validation loss {'+' if dv >= 0 else '-'}{abs(dv):.3f} with it"
     if b >= 2 * a or noaux["dormant"] > aux["dormant"]:
         lines.append("What it means: without the aux loss a few heads of the top layers take over while the others "
                      "close their gates (head collapse: those heads stop contributing); the CV² loss keeps every "
-                     "head of a layer in use, at no cost in validation loss here.")
+                     f"head of a layer in use ({cost}).")
     else:
         lines.append("The two runs do not differ clearly this time (fewer steps or another seed?): the collapse this "
                      "quickstart is set up to show did not appear.")
