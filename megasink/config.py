@@ -129,6 +129,10 @@ class TrainConfig:
     """Steps between validation runs; 0 disables periodic validation."""
     eval_steps: int = 10
     """Batches per validation run."""
+    lm_eval_tasks: str = ""
+    """Comma-separated lm-eval tasks run on each eval_interval checkpoint by a background process; empty: none."""
+    lm_eval_args: str = ""
+    """More ``megasink eval`` arguments for lm_eval_tasks, e.g. "--include-path tasks/x --limit 200"."""
     save_interval: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 3
@@ -396,6 +400,9 @@ def validate(cfg: Config, where: str = "<config>") -> None:
                                     "importance_interval", "eval_steps"), where)
     _check_at_least(t, "train", 0, ("warmup_steps", "eval_interval", "save_interval", "keep_last",
                                     "max_nan_skips"), where)
+    if t.lm_eval_tasks and not (t.eval_interval and t.save_checkpoints):
+        raise ConfigError(f"{where}: train.lm_eval_tasks evaluates the checkpoint of every train.eval_interval "
+                          "step: set train.eval_interval > 0 and keep train.save_checkpoints true")
     if p.zero_stage not in (-1, 0, 1, 2, 3):
         raise ConfigError(f"{where}: parallel.zero_stage must be 0, 1, 2 or 3 (or -1: the default), "
                           f"got {p.zero_stage}")

@@ -84,7 +84,7 @@ def evaluated(request, corpus):
     stdout = io.StringIO()
     with _offline(), contextlib.redirect_stdout(stdout):
         rc = cli_main(["eval", str(run), "--include-path", str(tasks), "--tasks", ",".join(TASKS),
-                       "--batch-size", "16", "--device", "cpu"])
+                       "--batch-size", "16", "--device", "cpu", "--metrics-run", str(run)])
     assert rc == 0
     return request.param, run, stdout.getvalue()
 
@@ -138,6 +138,11 @@ def test_eval_writes_results_and_table(evaluated):
     for text in (table, stdout):
         assert all(t in text for t in TASKS) and "bits_per_byte" in text and "acc" in text
     assert f"wrote {out / 'results.json'}" in stdout
+    # --metrics-run (what train.lm_eval_tasks runs): each task's main metric, at the checkpoint's step
+    (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert record == {"step": 10, "lm_eval/megasink_next_passage/acc": mc["acc,none"],
+                      "lm_eval/megasink_bpb/bits_per_byte": bpb["bits_per_byte,none"]}
+    assert list((run / "tensorboard").glob("events.out.tfevents.*.lm_eval"))
 
 
 def test_bpb_task_equals_megasink_scoring(evaluated, corpus):
@@ -181,3 +186,40 @@ def test_scripts_help(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("megasink.eval", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0 and "lm-evaluation-harness" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_background_eval_never_stops_training(tmp_path):
+    """train.lm_eval_tasks: rank 0 starts `megasink eval` of each eval_interval checkpoint and goes on;
+    here every evaluation fails (synthetic data has no tokenizer) and training finishes regardless."""
+    import time
+
+    from dist_utils import run_distributed
+    from train_utils import TINY, read_metrics, train_worker
+
+    run = tmp_path / "run"
+    result = run_distributed(train_worker, 1, "configs/tiny-sink.yaml", TINY + [
+        f"run_dir={run}", "train.steps=4", "train.eval_interval=2", "train.lm_eval_tasks=megasink_bpb",
+        "train.lm_eval_args=--limit 2"])
+    assert result[0]["step"] == 4 and not result[0]["preempted"]
+    assert max(m["step"] for m in read_metrics(run)) == 4
+    logs = [run / "eval" / f"step_{s}" / "eval.log" for s in (2, 4)]
+    deadline = time.time() + 120
+    while not all(p.is_file() and "has no tokenizer" in p.read_text() for p in logs) and time.time() < deadline:
+        time.sleep(0.5)  # the evaluations run on after training
+    for p in logs:
+        assert "has no tokenizer" in p.read_text()
+
+
+def test_main_metrics_and_config_check():
+    from megasink.config import ConfigError, load_config
+    from megasink.eval.background import eval_command, main_metrics
+
+    results = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.7},
+                           "u": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A"}},
+               "configs": {"t": {"metric_list": [{"metric": "acc_norm"}, {"metric": "acc"}]}}}
+    assert main_metrics(results) == {"lm_eval/t/acc_norm": 0.7, "lm_eval/u/exact_match": 0.25}
+    cmd = eval_command("ck/step_3", "runs/x", 3, "a,b", "--limit 5 --include-path 'my tasks'")
+    assert cmd[-4:] == ["--limit", "5", "--include-path", "my tasks"] and "--metrics-run" in cmd
+    with pytest.raises(ConfigError, match="train.eval_interval > 0"):
+        load_config("configs/tiny-sink.yaml", ["train.lm_eval_tasks=hellaswag"])

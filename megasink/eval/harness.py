@@ -118,15 +118,14 @@ def results_table(results: dict) -> str:
     return table
 
 
-def write_results(results: dict, out_dir, info: dict) -> tuple[Path, Path]:
-    """results.json (lm-eval's dict plus ``megasink``: info) and results.md, written atomically."""
+def write_results(results: dict, out_dir) -> tuple[Path, Path]:
+    """results.json and results.md (the table), written atomically."""
     from lm_eval.utils import handle_non_serializable
 
     from megasink.utils import atomic_write_text
 
     out = Path(out_dir)
-    doc = {**results, "megasink": info}
-    atomic_write_text(out / "results.json", json.dumps(doc, indent=2, default=handle_non_serializable,
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=handle_non_serializable,
                                                        ensure_ascii=False) + "\n")
     atomic_write_text(out / "results.md", results_table(results))
     return out / "results.json", out / "results.md"
@@ -145,14 +144,16 @@ def default_out_dir(path) -> Path:
 
 
 def evaluate(path, tasks: list, out_dir=None, tokenizer: Optional[str] = None, **lm_eval_kw) -> tuple[dict, Path]:
-    """Evaluate a megasink checkpoint or HF directory on lm-eval ``tasks``; (results, out dir)."""
+    """Evaluate a megasink checkpoint or HF directory on lm-eval ``tasks``; (results, out dir).
+
+    The results are lm-eval's dict plus ``megasink``: the model, checkpoint, tasks and prefix token."""
     out = Path(out_dir) if out_dir else default_out_dir(path)
     with tempfile.TemporaryDirectory(prefix="megasink-eval-") as tmp:
         model = prepare_model(path, tmp, tokenizer)
         results = run_lm_eval(model, tasks, **lm_eval_kw)
-    info = {"model": str(path), "checkpoint": str(model.checkpoint) if model.checkpoint else None,
-            "tasks": tasks, "prefix_token_id": model.prefix_token_id}
-    write_results(results, out, info)
+    results["megasink"] = {"model": str(path), "checkpoint": str(model.checkpoint) if model.checkpoint else None,
+                           "tasks": tasks, "prefix_token_id": model.prefix_token_id}
+    write_results(results, out)
     return results, out
 
 
@@ -184,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype during evaluation (default float32)")
     p.add_argument("--seed", type=int, default=1234, help="seed of lm-eval's few-shot sampling and generation")
+    p.add_argument("--metrics-run", help="also append each task's main metric to RUN/metrics.jsonl and "
+                                         "RUN/tensorboard (what train.lm_eval_tasks does)")
+    p.add_argument("--step", type=int, help="with --metrics-run: the step to log (default: N of step_N)")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
@@ -195,7 +199,20 @@ def main(argv=None) -> int:
         return 2
     print(results_table(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
+    if args.metrics_run:
+        _log_to_run(args.metrics_run, args.step, results)
     return 0
+
+
+def _log_to_run(run_dir: str, step: Optional[int], results: dict) -> None:
+    from megasink.eval.background import append_metrics, main_metrics
+
+    if step is None:
+        name = Path(results["megasink"]["checkpoint"] or "").name
+        step = int(name.split("_")[1]) if name.startswith("step_") and name[5:].isdigit() else 0
+    record = main_metrics(results)
+    append_metrics(run_dir, step, record)
+    print(f"logged {', '.join(record)} at step {step} in {Path(run_dir) / 'metrics.jsonl'}")
 
 
 def _cuda() -> bool:

@@ -73,6 +73,12 @@ class Trainer:
         self._preempt = False
         self._bar = None
         self.last_metrics: dict = {}
+        self.lm_evals = None  # rank 0's background `megasink eval` processes (train.lm_eval_tasks)
+        if cfg.train.lm_eval_tasks and self.rank == 0:
+            from megasink.eval.background import BackgroundEvals
+
+            self.lm_evals = BackgroundEvals(self.run_dir, cfg.train.lm_eval_tasks, cfg.train.lm_eval_args,
+                                            self._log_main)
 
     # ------------------------------------------------------------------ statistics
     def _shared_heads_full(self) -> torch.Tensor:
@@ -286,8 +292,11 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_interval and step % t.eval_interval == 0:
                 self._log_eval()
+            saved = None
             if t.save_interval and step % t.save_interval == 0 and step < t.steps:
-                self.save()
+                saved = self.save()
+            if t.lm_eval_tasks and step % t.eval_interval == 0 and step < t.steps:
+                self._start_lm_eval(saved or self.save())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.2e}")
@@ -303,6 +312,10 @@ class Trainer:
         if self.valid_ds is not None and not (t.eval_interval and self.counters.step % t.eval_interval == 0):
             self._log_eval()
         path = self.save()
+        if t.lm_eval_tasks and self.counters.step % t.eval_interval == 0:
+            self._start_lm_eval(path)
+        if self.lm_evals is not None:
+            self.lm_evals.close()  # never waits: evaluations still running log their own results
         self._log_main(f"done: step {self.counters.step}, checkpoint {path}")
         self.metrics.close()
         return {"preempted": False, "step": self.counters.step, **self.last_metrics}
@@ -352,6 +365,12 @@ class Trainer:
         self._log_main(f"step {step:6d} | loss {res.loss:.4f} | aux {res.aux_loss:.3e} | lr {rec['lr']:.2e} | "
                        f"{tokens_per_s:,.0f} tok/s | mfu {rec['mfu']:.2%} | "
                        f"cv {' '.join(f'{x:.3f}' for x in rec['cv'])}")
+
+    def _start_lm_eval(self, ckpt: Optional[Path]) -> None:
+        """Rank 0 starts `megasink eval` of ``ckpt`` in the background (no collective; every rank saved it)."""
+        if self.lm_evals is not None:
+            self.lm_evals.poll()
+            self.lm_evals.start(self.counters.step, ckpt)
 
     def _log_eval(self) -> None:
         rec = self.evaluate()
