@@ -219,7 +219,8 @@ def plot_finetune(path: Path, base: dict, fts: list[tuple[str, dict]]) -> None:
 
 
 def lam_tag(coef: float) -> str:
-    return "l0" if coef == 0 else f"l{coef:.0e}".replace("e-0", "e-")
+    """Run-name tag of a lambda: l0, l1e-4, ..., l1."""
+    return "l0" if coef == 0 else f"l{coef:.0e}".replace("e-0", "e-").replace("e+00", "")
 
 
 # --------------------------------------------------------------------------- tables
@@ -389,8 +390,9 @@ def claim_order(groups, best, noise) -> list[str]:
 
 
 def claim_excess(groups, lambdas, noise) -> list[str]:
-    out, top = [], max(lambdas)
+    out = []
     for v in VARIANT_ROWS:
+        top = max((c for c in lambdas if _g(groups, v, c)), default=0.0)
         rest = {c: _m(_g(groups, v, c), "val_loss") for c in lambdas if c < top and _g(groups, v, c)}
         if not _g(groups, v, top) or not rest:
             continue

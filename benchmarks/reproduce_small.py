@@ -30,8 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce_report import lam_tag, write_report  # noqa: E402  (benchmarks/ is not a package)
 
-LAMBDAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+LAMBDAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # 1.0: gated and sink only, last
 BEST = 1e-2  # the cure's lambda for the seed pairs (the issue's measured starting point)
 FT_BASE = "sink-l0-s1"  # the collapsed baseline fine-tuning starts from (strongest collapse)
 FT_SHARED = 2  # top-m heads per layer shared in the pinning experiment (of 8)
@@ -62,10 +63,6 @@ class Run:
     finetune: str = ""  # name of the run whose final checkpoint this one starts from
 
 
-def lam_tag(coef: float) -> str:
-    return "l0" if coef == 0 else f"l{coef:.0e}".replace("e-0", "e-")
-
-
 def plan() -> list[Run]:
     """Every run of the sweep, most important first."""
     runs: list[Run] = []
@@ -94,6 +91,9 @@ def plan() -> list[Run]:
     add("vanilla", BEST, data="pydoc_bos", tag="-bos")
     add("vanilla", 0.0, seed=2)
     add("vanilla", BEST, seed=2)
+    # 4. beyond the issue's grid: lambda = 1, in case 1e-1 is not yet "excessive"
+    for v in ("gated", "sink"):
+        add(v, 1.0)
     return runs
 
 
@@ -201,8 +201,6 @@ def main(argv=None) -> int:
             print(f"[reproduce] {i + 1}/{len(runs)} {run.name}", flush=True)
             secs = train_one(run, config, overrides_for(run, out, data_dir, args.smoke))
             print(f"[reproduce] {run.name} done in {secs / 60:.1f} min", flush=True)
-    from reproduce_report import write_report
-
     path = write_report(out, runs, command, smoke=args.smoke, notes=[] if args.smoke else REGIME_NOTES,
                         lambdas=LAMBDAS, best=BEST)
     print(f"[reproduce] report: {path}")
