@@ -130,7 +130,7 @@ def plot_cv_curves(path: Path, runs, by_run) -> None:
         ax.set_xlabel("step", fontsize=8)
     fig.suptitle("per-layer CV of head importance over training (seed 1)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
@@ -151,7 +151,7 @@ def plot_heatmaps(path: Path, runs, by_run) -> None:
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.6).set_label(COLORBAR_LABEL, fontsize=9)
     fig.suptitle(f"end-of-run head importance (mean gate), seed 1\n({LEGEND})", fontsize=10)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
@@ -171,7 +171,7 @@ def plot_val_curves(path: Path, runs, by_run) -> None:
             ax.legend(fontsize=6)
     axes[0][0].set_ylabel("validation loss", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
@@ -200,7 +200,7 @@ def plot_vs_lambda(path: Path, groups: dict, lambdas) -> None:
     axes[1].set_yscale("log")
     fig.suptitle("error bars: spread over seeds (half range) where there are two", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
@@ -214,7 +214,7 @@ def plot_finetune(path: Path, base: dict, fts: list[tuple[str, dict]]) -> None:
         im = draw_importance(ax, s["importance"], f"{name}: {s['dormant']} dormant")
     fig.colorbar(im, ax=axes, shrink=0.8).set_label(COLORBAR_LABEL, fontsize=8)
     fig.suptitle(f"fine-tuning from the collapsed baseline ({LEGEND})", fontsize=8)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 
@@ -403,7 +403,8 @@ def claim_excess(groups, lambdas, noise) -> list[str]:
         if not _collapsed(_g(groups, v, 0.0)):
             verdict = "not tested: the CV² term is too small here to help or hurt"
         out.append(f"  - {v}: val loss at λ={top:g} {_m(_g(groups, v, top), 'val_loss'):.3f} vs best smaller λ "
-                   f"({best_c:g}) {rest[best_c]:.3f}: Δ {d:+.3f}: {verdict}.")
+                   f"({best_c:g}) {rest[best_c]:.3f}: Δ {d:+.3f}: {verdict}. "
+                   f"Val loss by λ: {_by_lambda(groups, v, 'val_loss')}.")
     return out
 
 

@@ -55,7 +55,7 @@ def save_importance_panels(panels: list[tuple[str, list]], path: str | os.PathLi
     heads = max(len(imp[0]) for _, imp in panels)
     layers = max(len(imp) for _, imp in panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(0.45 * heads * len(panels) + 2.5, 0.4 * layers + 2.0),
-                             squeeze=False)
+                             squeeze=False, constrained_layout=True)
     im = None
     for ax, (name, imp) in zip(axes[0], panels):
         im = draw_importance(ax, imp, f"{name}: {dormant_count(imp)} dormant")
