@@ -98,6 +98,49 @@ def load_model(path: str | os.PathLike, tokenizer: Optional[str] = None):
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def forward_backend(backend: str, device: str | torch.device) -> str:
+    """The attention route of a forward-only pass (diagnosis, ablation). ``auto``: the CPU flash
+    kernel on the CPU; on CUDA PyTorch's memory-efficient SDPA kernel, which takes fp32 as well as
+    half types and returns the log-sum-exp (no gradient is taken, so the lse gradient it drops
+    does not matter). Any other name as given."""
+    if backend == "auto":
+        return "sdpa" if torch.device(device).type == "cuda" else "flash"
+    return backend
+
+
+def load_for_forward(path: str | os.PathLike, tokenizer: Optional[str], device: str, backend: str, dtype: str):
+    """``load_model``, then the model on ``device`` in ``dtype`` (one of ``DTYPES``) with the
+    attention route ``forward_backend`` picks (a megasink model; ``HFEagerGates`` keeps eager)."""
+    model, tok = load_model(path, tokenizer)
+    if not isinstance(model, HFEagerGates):
+        model.cfg.attention_backend = forward_backend(backend, device)
+    model.to(device)
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+    return model, tok
+
+
+def add_forward_args(p: argparse.ArgumentParser, num_samples: int) -> None:
+    """The options diagnosis and ablation share: the model, the documents (the same --data,
+    --num-samples, --seq-len and --shuffle-seed give the same samples), the output folder and how
+    the forward passes run."""
+    p.add_argument("model", help="megasink checkpoint (run / checkpoints / step dir) or HF model directory")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="indexed dataset prefixes (PREFIX.bin/.idx) or text files (.jsonl[.gz], .parquet)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-samples", type=int, default=num_samples, help=f"documents to use (default {num_samples})")
+    p.add_argument("--seq-len", type=int, default=2048, help="truncate each document to this many tokens")
+    p.add_argument("--shuffle-seed", type=int, help="sample documents in a seeded random order")
+    p.add_argument("--tokenizer", help="sentencepiece .model or HF tokenizer dir (default: the model's own)")
+    p.add_argument("--text-key", default="text", help="JSON / parquet field with the text (default text)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="attention kernel (default auto: flash on CPU, memory-efficient SDPA on CUDA)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype (default float32)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per forward pass")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 class HFEagerGates:
     """A transformers causal LM read as vanilla attention: G = 1 - A[t, 0] from eager probabilities.
 
@@ -292,23 +335,16 @@ def diagnose(model_path: str, data: list, num_samples: int = 500, seq_len: int =
              dtype: str = "float32", progress: bool = False) -> Diagnosis:
     """Per-head importance of the model at model_path over documents from the data paths.
 
-    backend "auto": the fused flash kernel on CPU; on CUDA the fused memory-efficient SDPA kernel
-    (it returns the log-sum-exp for fp32 too; no gradient is taken, so its dropped lse gradient
-    does not matter). Gates and sums are accumulated in fp32 / fp64 whatever ``dtype``.
+    ``backend`` as ``forward_backend`` resolves it. Gates and sums are accumulated in fp32 / fp64
+    whatever ``dtype``.
     """
     from megasink.hf.tokenizer import load_encoder
 
-    model, tok = load_model(model_path, tokenizer)
+    model, tok = load_for_forward(model_path, tokenizer, device, backend, dtype)
     if isinstance(model, HFEagerGates):
         n_heads, variant = model.n_heads, model.variant
     else:
-        if backend == "auto":
-            backend = "sdpa" if torch.device(device).type == "cuda" else "flash"
-        model.cfg.attention_backend = backend
         n_heads, variant = model.cfg.n_heads, model.cfg.attention
-    model.to(device)
-    if dtype != "float32":
-        model.to(getattr(torch, dtype))
     if not 0 <= top_m <= n_heads - MIN_ROUTED_HEADS:
         raise ValueError(f"--top-m {top_m} must be in [0, {n_heads - MIN_ROUTED_HEADS}] for {n_heads} heads: "
                          f"fine-tuning needs at least {MIN_ROUTED_HEADS} routed (not shared) heads per layer")
@@ -428,23 +464,8 @@ def main(argv=None) -> int:
         prog="diagnose_heads.py",
         description="Per-head importance (token-weighted mean gate) of a megasink checkpoint or an HF causal-LM "
                     "directory over documents; writes importance.json, importance.png and summary.txt.")
-    p.add_argument("model", help="megasink checkpoint (run / checkpoints / step dir) or HF model directory")
-    p.add_argument("--data", nargs="+", required=True,
-                   help="indexed dataset prefixes (PREFIX.bin/.idx) or text files (.jsonl[.gz], .parquet)")
-    p.add_argument("--num-samples", type=int, default=500, help="documents to use (default 500)")
-    p.add_argument("--seq-len", type=int, default=2048, help="truncate each document to this many tokens")
-    p.add_argument("--out", required=True, help="output directory")
+    add_forward_args(p, num_samples=500)
     p.add_argument("--top-m", type=int, default=0, help="also choose the top-m heads per layer as shared heads")
-    p.add_argument("--shuffle-seed", type=int, help="sample documents in a seeded random order")
-    p.add_argument("--tokenizer", help="for text data: sentencepiece .model or HF tokenizer dir "
-                                       "(default: the model's own)")
-    p.add_argument("--text-key", default="text", help="JSON / parquet field with the text (default text)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=ATTENTION_BACKENDS,
-                   help="attention kernel (default auto: flash on CPU, memory-efficient SDPA on CUDA)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype (default float32)")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per forward pass")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     d = diagnose(args.model, args.data, args.num_samples, args.seq_len, args.top_m, args.shuffle_seed,
                  args.tokenizer, args.text_key, args.device, args.backend, args.max_batch_tokens,

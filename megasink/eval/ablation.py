@@ -141,16 +141,12 @@ def predicted_bytes(samples: list, decode) -> int:
 
 
 def _load(model_path: str, tokenizer: Optional[str], device: str, backend: str, dtype: str):
-    from megasink.diagnose import HFEagerGates, load_model
+    from megasink.diagnose import HFEagerGates, load_for_forward
 
-    model, tok = load_model(model_path, tokenizer)
+    model, tok = load_for_forward(model_path, tokenizer, device, backend, dtype)
     if isinstance(model, HFEagerGates):
         raise ValueError(f"{model_path}: head ablation needs a model megasink can represent (see the note above)")
-    if backend == "auto":
-        backend = "sdpa" if torch.device(device).type == "cuda" else "flash"
-    model.cfg.attention_backend = backend
-    model.to(device=device, dtype=getattr(torch, dtype)).eval()
-    return model, tok
+    return model.eval(), tok
 
 
 def _importance(model, samples: list, importance_file: Optional[str], device: str, max_batch_tokens: int):
@@ -262,30 +258,17 @@ def write_outputs(a: Ablation, out_dir) -> Path:
 
 
 def main(argv=None) -> int:
+    from megasink.diagnose import add_forward_args
+
     p = argparse.ArgumentParser(
         prog="ablate_heads.py",
         description="Head ablation: validation loss and bits/byte with the k least important heads of every layer "
                     "masked (k = 0 ... H-1), and in a seeded random order as the control, on the documents "
                     "diagnose_heads.py uses (same --data / --num-samples / --seq-len / --shuffle-seed). Writes "
                     "ablation.json, ablation.png and summary.txt.")
-    p.add_argument("model", help="megasink checkpoint (run / checkpoints / step dir) or HF model directory")
-    p.add_argument("--data", nargs="+", required=True,
-                   help="indexed dataset prefixes (PREFIX.bin/.idx) or text files (.jsonl[.gz], .parquet)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num-samples", type=int, default=200, help="documents to use (default 200)")
-    p.add_argument("--seq-len", type=int, default=2048, help="truncate each document to this many tokens")
-    p.add_argument("--shuffle-seed", type=int, help="sample documents in a seeded random order")
+    add_forward_args(p, num_samples=200)
     p.add_argument("--seed", type=int, default=0, help="seed of the random masking order (default 0)")
     p.add_argument("--importance", help="importance.json of diagnose_heads.py (default: measured on the samples)")
-    p.add_argument("--tokenizer", help="sentencepiece .model or HF tokenizer dir (default: the model's own)")
-    p.add_argument("--text-key", default="text", help="JSON / parquet field with the text (default text)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "flash", "sdpa", "flex", "eager"],
-                   help="attention kernel (default auto: flash on CPU, memory-efficient SDPA on CUDA)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights dtype (default float32)")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per forward pass")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none when stderr is not a terminal)")
     args = p.parse_args(argv)
     try:
         a = ablate(args.model, args.data, args.num_samples, args.seq_len, args.shuffle_seed, args.seed,
