@@ -136,7 +136,7 @@ class TrainConfig:
     save_interval: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 3
-    """Number of complete checkpoints kept (older ones are deleted); 0 keeps all."""
+    """Complete checkpoints kept (older ones are deleted unless a background lm-eval reads them); 0: all."""
     save_checkpoints: bool = True
     """Write checkpoints at all; false only for benchmarks and smoke runs that keep nothing."""
     resume: str = "auto"

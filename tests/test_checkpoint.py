@@ -47,7 +47,9 @@ def test_prune_keeps_newest_and_latest(tmp_path):
     for step in (2, 4, 6, 8, 10):
         ck.save_model_checkpoint(model, cfg, root / f"step_{step}")
     ck.update_latest(root, "step_4")  # e.g. resumed from an older one
-    ck.prune_checkpoints(root, keep_last=2)
+    ck.prune_checkpoints(root, keep_last=2, in_use={"step_2"})  # a background evaluation reads step_2
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_10", "step_2", "step_4", "step_8"]
+    ck.prune_checkpoints(root, keep_last=2)  # its evaluation ended
     assert sorted(p.name for p in root.glob("step_*")) == ["step_10", "step_4", "step_8"]
 
 

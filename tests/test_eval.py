@@ -211,6 +211,24 @@ def test_background_eval_never_stops_training(tmp_path):
         assert "has no tokenizer" in p.read_text()
 
 
+def test_background_eval_checkpoints_in_use(tmp_path, monkeypatch):
+    """A running evaluation's checkpoint is in use (pruning keeps it) until the process ends."""
+    import sys
+
+    from megasink.eval import background
+
+    monkeypatch.setattr(background, "eval_command", lambda *a: [sys.executable, "-c", "import time; time.sleep(60)"])
+    evals = background.BackgroundEvals(tmp_path, "t", log=lambda msg: None)
+    evals.start(2, None)  # no checkpoint saved: nothing starts
+    assert evals.in_use() == set()
+    evals.start(2, tmp_path / "checkpoints" / "step_2")
+    assert evals.in_use() == {"step_2"}
+    proc, _ = evals.running[2]
+    proc.kill()
+    proc.wait()
+    assert evals.in_use() == set() and not evals.running
+
+
 def test_main_metrics_and_config_check():
     from megasink.config import ConfigError, load_config
     from megasink.eval.background import eval_command, main_metrics

@@ -9,8 +9,8 @@ RUN/eval/step_N/eval.log). When it finishes, the evaluation itself appends one r
 its metric_list), to RUN/metrics.jsonl and the same scalars to RUN/tensorboard, with the step
 it measured, whether or not training is still running.
 
-A checkpoint pruned by ``train.keep_last`` before its evaluation has exported it is not
-evaluated (the log says so): keep enough checkpoints for the evaluation's first seconds.
+Pruning (``train.keep_last``) keeps a checkpoint while its evaluation runs; the first save
+after the evaluation ends prunes it.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class BackgroundEvals:
 
     def __init__(self, run_dir, tasks: str, extra_args: str = "", log=print):
         self.run_dir, self.tasks, self.extra_args, self.log = Path(run_dir), tasks, extra_args, log
-        self.running: dict[int, subprocess.Popen] = {}
+        self.running: dict[int, tuple[subprocess.Popen, Path]] = {}  # step -> (process, checkpoint)
 
     def start(self, step: int, ckpt: Optional[Path]) -> None:
         """Evaluate ``ckpt`` (saved at ``step``) in a new process; a failure to start is only logged."""
@@ -87,19 +87,19 @@ class BackgroundEvals:
         try:
             out.mkdir(parents=True, exist_ok=True)
             with open(out / "eval.log", "w") as log_file:  # the child keeps its own descriptor
-                self.running[step] = subprocess.Popen(
+                proc = subprocess.Popen(
                     eval_command(ckpt, self.run_dir, step, self.tasks, self.extra_args), stdout=log_file,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=single_process_env(),
                     start_new_session=True)
         except OSError as e:
             self.log(f"warning: lm-eval of step {step} not started: {e}")
             return
-        self.log(f"lm-eval of step {step} started in the background (pid {self.running[step].pid}, "
-                 f"log {out / 'eval.log'})")
+        self.running[step] = (proc, Path(ckpt))
+        self.log(f"lm-eval of step {step} started in the background (pid {proc.pid}, log {out / 'eval.log'})")
 
     def poll(self) -> None:
         """Reap finished evaluations; name the failed ones (their log says why)."""
-        for step, proc in list(self.running.items()):
+        for step, (proc, _) in list(self.running.items()):
             rc = proc.poll()
             if rc is None:
                 continue
@@ -108,9 +108,14 @@ class BackgroundEvals:
                 self.log(f"warning: lm-eval of step {step} failed (exit {rc}); see "
                          f"{self.run_dir / 'eval' / f'step_{step}' / 'eval.log'}")
 
+    def in_use(self) -> set[str]:
+        """Names of the checkpoint directories that running evaluations still read (pruning keeps them)."""
+        self.poll()
+        return {ckpt.name for _, ckpt in self.running.values()}
+
     def close(self) -> None:
         """At the end of training: reap, and name the evaluations left running (never waited for)."""
         self.poll()
-        for step, proc in self.running.items():
+        for step, (proc, _) in self.running.items():
             self.log(f"lm-eval of step {step} still running (pid {proc.pid}); it appends its metrics to "
                      f"{self.run_dir / 'metrics.jsonl'} when done")

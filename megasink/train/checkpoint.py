@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 import yaml
@@ -243,16 +243,17 @@ def update_latest(ckpt_root: Path, name: str) -> None:
     atomic_write_text(ckpt_root / LATEST, name + "\n")
 
 
-def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete step_N directories, never ``latest``'s.
-    Only complete checkpoints count: a damaged one never displaces a complete one (damaged
-    directories are left for inspection)."""
+def prune_checkpoints(ckpt_root: Path, keep_last: int, in_use: Collection[str] = ()) -> None:
+    """Delete all but the newest ``keep_last`` complete step_N directories, never ``latest``'s
+    nor those named in ``in_use`` (still read by a background evaluation; a later save prunes
+    them). Only complete checkpoints count: a damaged one never displaces a complete one
+    (damaged directories are left for inspection)."""
     if keep_last <= 0:
         return
     latest = (ckpt_root / LATEST).read_text().strip() if (ckpt_root / LATEST).exists() else None
     complete = [p for p in _step_dirs(ckpt_root) if checkpoint_problem(p) is None]
     for p in complete[:-keep_last]:
-        if p.name != latest:
+        if p.name != latest and p.name not in in_use:
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,10 @@ def _named_params(engine):
 
 
 def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, state: dict,
-                        keep_last: int, shared_heads: Optional[torch.Tensor] = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                        keep_last: int, shared_heads: Optional[torch.Tensor] = None,
+                        in_use: Collection[str] = ()) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory. ``in_use``: rank
+    0's checkpoint names that pruning must keep (background evaluations still read them)."""
     root = Path(cfg.run_dir) / "checkpoints"
     final = root / ckpt.step_dir_name(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -91,7 +93,7 @@ def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, stat
         os.replace(tmp, final)
         fsync_dir(root)
         ckpt.update_latest(root, final.name)  # last: the checkpoint is complete
-        ckpt.prune_checkpoints(root, keep_last)
+        ckpt.prune_checkpoints(root, keep_last, in_use)
     dist.barrier()
     return final
 

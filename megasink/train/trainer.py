@@ -216,8 +216,9 @@ class Trainer:
             return None
         st = {"counters": {"skipped_steps": self.counters.skipped_steps, "tokens": self.counters.tokens},
               "scheduler": {"last_epoch": self.scheduler.last_epoch}, "loader": self.loader.state_dict()}
+        in_use = self.lm_evals.in_use() if self.lm_evals is not None else ()
         return train_state.save_training_state(self.engine, self.cfg, self.dims, self.counters.step, st,
-                                               self.cfg.train.keep_last, self._shared_heads_full())
+                                               self.cfg.train.keep_last, self._shared_heads_full(), in_use)
 
     def resume(self, ckpt_dir: Path) -> None:
         st = train_state.load_training_state(self.engine, ckpt_dir, self.dims, self._shared_heads_full())
