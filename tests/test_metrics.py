@@ -39,3 +39,25 @@ def test_resume_leaves_a_clean_file_untouched(tmp_path):
     m.close()
     after = (tmp_path / "metrics.jsonl").stat()
     assert (before.st_ino, before.st_size) == (after.st_ino, after.st_size)
+
+
+def test_importance_heatmap_from_autograd_tensors_and_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """log_importance takes the trainer's tensors as they come (here requiring grad: .numpy() of
+    them raises, as of device tensors) and, without matplotlib, skips the PNG with one note."""
+    import sys
+
+    import torch
+
+    imp = torch.rand(2, 4, requires_grad=True) * 1.0  # (L, H), part of a graph
+    cv = imp.std(dim=1) / imp.mean(dim=1)
+    m = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    m.start(0)
+    path = m.log_importance(1, imp, cv)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path.unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert m.log_importance(2, imp, cv) is None and m.log_importance(3, imp, cv) is None
+    m.log(3, {"loss": 1.0})
+    m.close()
+    assert not path.exists() and capsys.readouterr().out.count("matplotlib is not installed") == 1
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 1.0

@@ -52,7 +52,7 @@ def save_importance_heatmap(imp, cv, path: str | os.PathLike, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    imp = torch.as_tensor(imp, dtype=torch.float32)
+    imp, cv = (torch.as_tensor(x).detach().to("cpu", torch.float32) for x in (imp, cv))
     L, H = imp.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * H + 2.5), max(2.5, 0.35 * L + 1.5)))
     im = ax.imshow(imp.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
@@ -60,7 +60,7 @@ def save_importance_heatmap(imp, cv, path: str | os.PathLike, title: str = "") -
     ax.set_ylabel("layer (CV)")
     ax.set_xticks(range(H))
     ax.set_yticks(range(L))
-    ax.set_yticklabels([f"{i} ({float(c):.3f})" for i, c in enumerate(cv)])
+    ax.set_yticklabels([f"{i} ({c:.3f})" for i, c in enumerate(cv.tolist())])
     ax.set_title(title or "head importance (mean gate)")
     fig.colorbar(im, ax=ax, label="importance")
     fig.tight_layout()
@@ -84,6 +84,7 @@ class MetricsLogger:
         self.tensorboard = tensorboard
         self.tb = None
         self._file = None
+        self._warned_no_matplotlib = False
 
     def start(self, step: int) -> None:
         if not self.enabled:
@@ -113,10 +114,18 @@ class MetricsLogger:
                 self.tb.add_scalar(f"cv/layer_{i}", c, step)
 
     def log_importance(self, step: int, imp: torch.Tensor, cv: torch.Tensor) -> Optional[Path]:
+        """RUN/importance.png (and a TensorBoard image); None without matplotlib, which is optional
+        at run time (the numbers are in metrics.jsonl either way)."""
         if not self.enabled:
             return None
         path = self.run_dir / "importance.png"
-        save_importance_heatmap(imp, cv, path, title=f"head importance, step {step}")
+        try:
+            save_importance_heatmap(imp, cv, path, title=f"head importance, step {step}")
+        except ImportError:
+            if not self._warned_no_matplotlib:
+                print("note: matplotlib is not installed: no importance.png heatmaps", flush=True)
+                self._warned_no_matplotlib = True
+            return None
         if self.tb is not None:
             import matplotlib.image as mpimg
 

@@ -343,8 +343,9 @@ class Trainer:
                                 f"{self.cfg.train.max_nan_skips}); saved {path} for inspection")
 
     def _log_step(self, res: StepResult, tokens_per_s: float) -> None:
-        imp = stats.gather_layers_over_pp(res.importance, self.dims)
-        routed = stats.gather_layers_over_pp(self._routed(), self.dims)
+        # to the host once (they are logged and plotted): on GPUs they live on the device
+        imp = stats.gather_layers_over_pp(res.importance, self.dims).detach().cpu()
+        routed = stats.gather_layers_over_pp(self._routed(), self.dims).cpu()
         cv = imp_lib.cv_squared(imp, routed).sqrt()
         vanished = imp_lib.vanishing_warning(imp, routed)
         if vanished:
