@@ -24,13 +24,16 @@ NO_DECAY_SUFFIXES = ("sinks", "gate_bias", "bias")
 
 def import_deepspeed():
     """Import deepspeed for this machine: the CPU accelerator without GPUs, no shm op build."""
-    if not torch.cuda.is_available():
+    cpu = not torch.cuda.is_available()
+    if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import logging
 
     import deepspeed
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 44 s g++ build
+    if cpu:  # skip a 44 s g++ build of the CPU shm comm op (on CUDA there is none; reading the
+        # table there would probe every op builder with nvcc)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return deepspeed
 

@@ -4,8 +4,9 @@ documents, with the lse gradient carried by the shared rule (``lse_grad``).
 
 The batch's rows are flattened to (B * T, heads, hd) and cut into documents by cumulative
 sequence lengths (``SeqInfo.varlen``), so no attention crosses a document and no (T, T) mask
-exists. GQA: the kernel takes fewer kv heads, none repeated. bf16/fp16 only (FA2). The
-augmented fallback pads the head dim to a multiple of 8, the kernel's alignment.
+exists. GQA: the kernel takes fewer kv heads, none repeated. bf16/fp16 only; head dims are
+multiples of 8 up to 248: FA2 takes up to 256, and the augmented fallback adds 8 columns (the
+kernel's alignment).
 
 The kernels are wrapped as ``torch.library`` custom ops with fake functions, so that
 torch.compile traces them as opaque nodes: no graph break at the host sync of the fallback
@@ -23,6 +24,7 @@ from megasink.model.kernels.seq import BackendError, SeqInfo
 
 _aten = torch.ops.aten
 ALIGN = 8  # FA2 head dims are multiples of 8
+MAX_HEAD_DIM = 256  # FA2's largest head dim
 
 
 def kernel_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
@@ -94,6 +96,10 @@ def varlen_attention(q, k, v, scale: float, seq: SeqInfo, lse_grad: bool = True)
     if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
         raise BackendError(f"attention_backend=varlen (FlashAttention-2) needs bf16 or fp16 activations, got "
                            f"{q.dtype}: train with train.precision=bf16, or use attention_backend=flex or eager")
+    if q.is_cuda and (hd % ALIGN or hd + ALIGN > MAX_HEAD_DIM):
+        raise BackendError(f"attention_backend=varlen (FlashAttention-2) takes head dims that are multiples of "
+                           f"{ALIGN} up to {MAX_HEAD_DIM - ALIGN} (FA2 stops at {MAX_HEAD_DIM}; the lse-gradient "
+                           f"fallback adds {ALIGN} columns), got {hd}: use attention_backend=flex")
     cu_seqlens, max_seqlen = seq.varlen()
     q, k, v = (x.transpose(1, 2).reshape(B * T, -1, hd) for x in (q, k, v))  # (B*T, n, hd)
     out, lse, _, _ = varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale, lse_grad)
