@@ -20,6 +20,7 @@ def test_gpu_check_dry_run(tmp_path):
     res = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(res) == {"kernels", "model", "cli", "cli-compile", "hf"}
     assert all(r["ok"] for r in res.values())
+    assert any(c["augmented"] for c in res["kernels"]["cases"])  # the fallback's own case
     for case in res["kernels"]["cases"] + res["model"]["cases"]:
         assert 0 <= max(v for k, v in case.items() if k in ("out", "lse", "dq", "dk", "dv", "max_rel_grad")) <= case["tol"]
     for name in ("cli", "cli-compile"):

@@ -6,7 +6,8 @@ priority order, each under its own timeout, each writing ``OUT/<stage>.json`` wh
 Stages:
   kernels  varlen (bf16) and flex (fp32): out, lse, dq, dk, dv for a loss on out *and* lse,
            packed documents (a padding run, a length-1 document) and GQA, against eager
-           attention in float64 on the CPU from the same (rounded) inputs.
+           attention in float64 on the CPU from the same (rounded) inputs; varlen at head dims
+           64 and 128 and once through the augmented-column fallback.
   model    the three variants' (LM + aux) parameter gradients, varlen in bf16 and flex in fp32,
            against the same weights in float64 on the CPU with the eager route.
   cli      ``megasink train configs/0.6b-sink.yaml`` on synthetic data: bf16, one GPU, NCCL,
@@ -50,13 +51,17 @@ def _doc_ids(B: int, T: int) -> torch.Tensor:
     return doc
 
 
-def kernel_case(device, dtype, backend: str, T: int) -> dict:
+def kernel_case(device, dtype, backend: str, T: int, hd: int = 64, augmented: bool = False) -> dict:
+    """One route's out, lse, dq, dk, dv vs float64 eager. ``augmented``: a few rows get
+    dO[..., 0] = 0 with dLSE != 0, which sends the backward to the augmented-column fallback."""
     from megasink.model.kernels import SeqInfo, attention_with_lse
 
     g = torch.Generator().manual_seed(0)
-    B, nh, nkv, hd = 2, 8, 2, 64
+    B, nh, nkv = 2, 4, 2  # the model stage's head counts (flex compiles once per shape)
     q, k, v = (torch.randn(B, n, T, hd, generator=g).to(dtype) for n in (nh, nkv, nkv))  # rounded once
     w_out, w_lse = torch.randn(B, nh, T, hd, generator=g), torch.randn(B, nh, T, generator=g)
+    if augmented:
+        w_out[0, :, :5, 0] = 0.0  # dO = w_out: these rows have dO[..., 0] = 0
     doc = _doc_ids(B, T)
 
     def run(dev, dt, be):
@@ -68,8 +73,8 @@ def kernel_case(device, dtype, backend: str, T: int) -> dict:
 
     ref, got = run(torch.device("cpu"), torch.float64, "eager"), run(device, dtype, backend)
     errs = {name: rel(a, b) for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
-    return {"backend": backend, "dtype": str(dtype).split(".")[1], "T": T, **errs, "tol": TOL[dtype],
-            "ok": max(errs.values()) <= TOL[dtype]}
+    return {"backend": backend, "dtype": str(dtype).split(".")[1], "T": T, "hd": hd, "augmented": augmented,
+            **errs, "tol": TOL[dtype], "ok": max(errs.values()) <= TOL[dtype]}
 
 
 def model_case(device, dtype, backend: str, variant: str) -> dict:
@@ -111,22 +116,37 @@ def routes(device) -> list:
     return [(torch.float32, "flash"), (torch.float32, "eager")]
 
 
-def stage_kernels(device, dry: bool) -> dict:
-    cases = []
+def kernel_shapes(backend: str, dry: bool) -> list:
+    """(T, hd, augmented) per case: the FA2 route at the model's head dims (64; 128 as in the
+    0.6B config) and once through its augmented fallback (hd 128 -> 136); flex at one shape (each
+    shape is a compilation)."""
+    if dry:
+        return [(64, 64, False), (64, 32, True)]
+    if backend == "flex":
+        return [(256, 64, False)]
+    return [(256, 64, False), (1024, 128, False), (256, 128, True)]
+
+
+def stage_kernels(device, dry: bool, emit) -> dict:
+    res = {"cases": [], "ok": False}
     for dtype, backend in routes(device):
-        for T in ((64,) if dry else (256, 1024)):
-            cases.append(_guarded(kernel_case, device, dtype, backend, T))
-            print("kernel", cases[-1], flush=True)
-    return {"cases": cases, "ok": all(c.get("ok") for c in cases)}
+        for T, hd, augmented in kernel_shapes(backend, dry):
+            res["cases"].append(_guarded(kernel_case, device, dtype, backend, T, hd, augmented))
+            print("kernel", res["cases"][-1], flush=True)
+            emit(res)  # what ran so far survives a timeout
+    res["ok"] = all(c.get("ok") for c in res["cases"])
+    return res
 
 
-def stage_model(device, dry: bool) -> dict:
-    cases = []
+def stage_model(device, dry: bool, emit) -> dict:
+    res = {"cases": [], "ok": False}
     for dtype, backend in routes(device):
         for variant in ("vanilla", "sink", "gated"):
-            cases.append(_guarded(model_case, device, dtype, backend, variant))
-            print("model", cases[-1], flush=True)
-    return {"cases": cases, "ok": all(c.get("ok") for c in cases)}
+            res["cases"].append(_guarded(model_case, device, dtype, backend, variant))
+            print("model", res["cases"][-1], flush=True)
+            emit(res)
+    res["ok"] = all(c.get("ok") for c in res["cases"])
+    return res
 
 
 def _guarded(fn, *args) -> dict:
@@ -242,7 +262,8 @@ def stage_hf(device, dry: bool) -> dict:
     hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
                          num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
                          num_key_value_heads=m.kv_heads, max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps,
-                         rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa")
+                         rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa",
+                         use_cache=False)
     res = {"micro_batch": mb, "seq_len": m.seq_len}
     for name, build, fwd in (
             ("hf", lambda: LlamaForCausalLM(hf_cfg),
@@ -280,22 +301,27 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
+    name = args.stage + ("-compile" if args.compile else "")
+    where = dict(stage=args.stage, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 torch=torch.__version__)
+
+    def emit(res: dict) -> None:
+        """OUT/<stage>.json, written atomically: after each case, and whole at the end."""
+        tmp = os.path.join(args.out, f".{name}.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({**res, **where, "seconds": round(time.time() - t0, 1)}, f, indent=2)
+        os.replace(tmp, os.path.join(args.out, f"{name}.json"))
+
     if args.stage == "kernels":
-        res = stage_kernels(device, args.dry_run)
+        res = stage_kernels(device, args.dry_run, emit)
     elif args.stage == "model":
-        res = stage_model(device, args.dry_run)
+        res = stage_model(device, args.dry_run, emit)
     elif args.stage == "cli":
         res = stage_cli(device, args.dry_run, args.compile, args.out)
     else:
         res = stage_hf(device, args.dry_run)
-    res.update(stage=args.stage, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               torch=torch.__version__, seconds=round(time.time() - t0, 1))
-    name = args.stage + ("-compile" if args.compile else "")
-    tmp = os.path.join(args.out, f".{name}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, f"{name}.json"))
-    print(json.dumps({k: v for k, v in res.items() if k != "cases"}), flush=True)
+    emit(res)
+    print(json.dumps({k: v for k, v in {**res, **where}.items() if k != "cases"}), flush=True)
     return 0 if res.get("ok") else 1
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels the GPU check carries to a device machine whose image lacks them (Python 3.12, x86_64,
 # CUDA torch already installed): DeepSpeed (pure Python) and what it imports that such images
-# often miss. Written to .whl/ (git-ignored); run.sh installs them with --no-index --no-deps.
+# often miss. Written to .whl/ (git-ignored); run.sh unpacks them into /tmp/megasink-site.
 #   bash benchmarks/gpu/fetch_wheels.sh && du -sh .whl     (must stay under the 64 MiB carry limit)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
