@@ -10,7 +10,7 @@ top-m shared. Then REPORT.md and PNG plots in --out (reproduce_report.py).
 Runs go one after another in this process, most important first (so a partial sweep
 already reads), and each resumes from its own checkpoint; finished runs are skipped.
 
-    python benchmarks/reproduce_small.py                 # ~75 min on one CPU core
+    python benchmarks/reproduce_small.py                 # ~40 min on a 2-core CPU
     python benchmarks/reproduce_small.py --report-only   # rewrite the report from the runs
     python benchmarks/reproduce_small.py --smoke --out /tmp/rs   # two tiny runs, seconds
 On GPUs, point --configs at a bigger set of small-*.yaml files of the same shape.
