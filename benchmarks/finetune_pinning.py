@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def start_importance(base: Path, data_prefix: str, batches: int = 8) -> torch.Tensor:
     """(L, H) importance of the starting model on validation batches."""
     from megasink.data import build_dataset, iter_validation_batches
-    from megasink.train.checkpoint import load_full_model
+    from megasink.checkpoint import load_full_model
 
     model, cfg = load_full_model(base)
     cfg.data.path = [data_prefix]

@@ -39,7 +39,7 @@ def build_model(cfg, aux_cfg=None):
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a megasink checkpoint of any layout as ``(model, cfg)`` on one device."""
-    from megasink.train.checkpoint import load_full_model
+    from megasink.checkpoint import load_full_model
 
     return load_full_model(path, map_location=map_location)
 

@@ -83,7 +83,7 @@ def load_model(path: str | os.PathLike, tokenizer: Optional[str] = None):
             return HFEagerGates.from_pretrained(path), tok
         return model, tok
     from megasink import load_checkpoint
-    from megasink.train.checkpoint import resolve_checkpoint_dir
+    from megasink.checkpoint import resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(path)
     model, cfg = load_checkpoint(ckpt)

@@ -16,7 +16,7 @@ from megasink.config import Config
 from megasink.diagnose import DocumentSource, diagnose, iter_samples
 from megasink.eval.ablation import ablate, main, masked_heads, masking_orders
 from megasink.hf.cli import to_hf_main
-from megasink.train.checkpoint import save_model_checkpoint
+from megasink.checkpoint import save_model_checkpoint
 from test_hf_helpers import MODEL_VOCAB, train_spm, write_tokenized
 
 SEQ_LEN = 24  # every fixture document is longer: samples of one length, one batch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import megasink
-from megasink.train import checkpoint as ck
+from megasink import checkpoint as ck
 
 
 def _cfg():

@@ -11,7 +11,7 @@ from megasink.config import Config
 from megasink.data.indexed import IndexedDatasetWriter
 from megasink.diagnose import DocumentSource, HFEagerGates, diagnose, iter_samples, main
 from megasink.model.importance import shared_mask_from_file
-from megasink.train.checkpoint import save_model_checkpoint
+from megasink.checkpoint import save_model_checkpoint
 from test_hf_helpers import MODEL_VOCAB, save_random_hf, tiny_llama_config, train_spm
 
 transformers = pytest.importorskip("transformers")

@@ -54,7 +54,7 @@ def _vocab_too_small(tmp):
 
 def _init_from_other_shape(tmp):
     import megasink
-    from megasink.train.checkpoint import save_model_checkpoint
+    from megasink.checkpoint import save_model_checkpoint
 
     cfg = megasink.load_config(CONFIG, TINY + ["model.d_model=32"])
     save_model_checkpoint(megasink.build_model(cfg.model), cfg, tmp / "other")

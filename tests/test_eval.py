@@ -22,7 +22,7 @@ from megasink.config import Config
 from megasink.eval.scoring import bits_per_byte, rolling_windows
 from megasink.eval.tasks import NUM_CHOICES, make_eval_tasks
 from megasink.eval.tasks import main as make_task_main
-from megasink.train.checkpoint import save_model_checkpoint, update_latest
+from megasink.checkpoint import save_model_checkpoint, update_latest
 from test_hf_helpers import MODEL_VOCAB, train_spm, write_tokenized
 
 TASKS = ["megasink_next_passage", "megasink_bpb"]

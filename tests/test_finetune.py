@@ -15,7 +15,7 @@ CONFIG = "configs/tiny-sink.yaml"
 def test_finetune_with_shared_heads(tmp_path):
     from megasink.data import build_dataset, build_loader
     from megasink.model import importance as imp_lib
-    from megasink.train.checkpoint import load_full_model, resolve_checkpoint_dir
+    from megasink.checkpoint import load_full_model, resolve_checkpoint_dir
 
     base = tmp_path / "base"
     run_distributed(train_worker, 1, CONFIG, TINY + [f"run_dir={base}", "train.steps=3"])
@@ -44,7 +44,7 @@ def test_finetune_with_shared_heads(tmp_path):
 
 def test_init_from_mismatched_checkpoint_is_refused(tmp_path):
     import megasink
-    from megasink.train.checkpoint import save_model_checkpoint
+    from megasink.checkpoint import save_model_checkpoint
     from megasink.train.main import load_initial_weights
 
     cfg = megasink.load_config(CONFIG, TINY)

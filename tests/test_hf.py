@@ -12,7 +12,7 @@ from megasink import load_checkpoint
 from megasink.config import Config
 from megasink.hf import UnsupportedModelError, import_model, mapping
 from megasink.hf.cli import from_hf_main, to_hf_main
-from megasink.train.checkpoint import save_model_checkpoint
+from megasink.checkpoint import save_model_checkpoint
 from test_hf_helpers import MODEL_VOCAB, save_random_hf, tiny_llama_config, train_spm
 
 transformers = pytest.importorskip("transformers")

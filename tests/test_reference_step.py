@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -83,13 +84,18 @@ def _aux_gradient_scaled(factor: float):
 
 def run_trainer(tmp_path, variant: str, layout: list[str], aux_grad_factor: float = 1.0):
     """Run one trainer step in ``layout``; (metrics of step 1, weights, AdamW moments)."""
-    from megasink.train.checkpoint import load_model_tensors, load_optim_tensors, resolve_checkpoint_dir
+    from megasink.checkpoint import load_model_tensors, load_optim_tensors, resolve_checkpoint_dir
 
     run_dir = tmp_path / f"{variant}-{'-'.join(_layout_args(layout)) or 'single'}-x{aux_grad_factor}"
     overrides = _overrides(variant, layout, run_dir)
     world = _world(layout)
-    if world == 1:
-        _trainer_worker(0, 1, overrides, aux_grad_factor)
+    if world == 1:  # in this process: keep its environment (the trainer sets MASTER_PORT, RANK, ...)
+        saved = dict(os.environ)
+        try:
+            _trainer_worker(0, 1, overrides, aux_grad_factor)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
     else:
         run_distributed(_trainer_worker, world, overrides, aux_grad_factor)
     ckpt = resolve_checkpoint_dir(run_dir)

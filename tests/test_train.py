@@ -59,7 +59,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 CRASH_SCRIPT = """
 import os, signal, sys
-import megasink.train.checkpoint as ck
+import megasink.checkpoint as ck
 orig = ck.save_tensors
 calls = []
 def dying_save(path, tensors):
@@ -202,7 +202,7 @@ def _nan_worker(rank, world_size, run_dir, zero, bad_steps):
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 1])
 def test_nan_step_is_skipped_and_too_many_stop(tmp_path, zero):
-    from megasink.train.checkpoint import load_tensors, resolve_checkpoint_dir
+    from megasink.checkpoint import load_tensors, resolve_checkpoint_dir
 
     # one bad step: skipped (weights unchanged), training goes on
     run_distributed(_nan_worker, 1, str(tmp_path / "one"), zero, {3})

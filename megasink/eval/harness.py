@@ -55,7 +55,7 @@ def prepare_model(path, tmp_dir, tokenizer: Optional[str] = None) -> HFModel:
     """An HF directory for ``path``: the directory itself, or a megasink checkpoint exported into tmp_dir."""
     from megasink.config import load_config
     from megasink.hf import convert_checkpoint, is_hf_dir
-    from megasink.train.checkpoint import resolve_checkpoint_dir
+    from megasink.checkpoint import resolve_checkpoint_dir
 
     if is_hf_dir(path):
         hf_cfg = json.loads((Path(path) / "config.json").read_text())
@@ -134,7 +134,7 @@ def write_results(results: dict, out_dir) -> tuple[Path, Path]:
 def default_out_dir(path) -> Path:
     """RUN/eval/step_N for a checkpoint inside a run's checkpoints/ directory; otherwise --out is needed."""
     from megasink.hf import is_hf_dir
-    from megasink.train.checkpoint import resolve_checkpoint_dir
+    from megasink.checkpoint import resolve_checkpoint_dir
 
     if not is_hf_dir(path):
         ckpt = resolve_checkpoint_dir(path)

@@ -141,7 +141,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
                        progress: bool = True) -> Path:
     """tools/convert_to_hf.py: a megasink checkpoint (run, checkpoints or step dir) -> HF directory."""
     from megasink import load_checkpoint
-    from megasink.train.checkpoint import resolve_checkpoint_dir
+    from megasink.checkpoint import resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     model, cfg = load_checkpoint(ckpt)

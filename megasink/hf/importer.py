@@ -334,7 +334,7 @@ def check_added_gates(model, report: ImportReport) -> None:
 def convert_hf_dir(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
                    **kwargs) -> tuple[Path, ImportReport]:
     """tools/convert_from_hf.py: an HF directory -> a megasink checkpoint directory."""
-    from megasink.train.checkpoint import save_model_checkpoint
+    from megasink.checkpoint import save_model_checkpoint
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -79,7 +79,7 @@ def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
 
 def load_initial_weights(model, cfg: Config) -> None:
     """Fine-tuning: copy a checkpoint's weights into the freshly built model (same architecture)."""
-    from megasink.train.checkpoint import CheckpointError, load_model_tensors, resolve_checkpoint_dir
+    from megasink.checkpoint import CheckpointError, load_model_tensors, resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(cfg.train.init_from)
     sd = load_model_tensors(ckpt)

@@ -24,7 +24,7 @@ from megasink.errors import UserError
 from megasink.parallel import engine as eng
 from megasink.parallel.dims import ParallelDims
 from megasink.parallel.state_utils import gather_tp_tensor, slice_tp_tensor
-from megasink.train import checkpoint as ckpt
+from megasink import checkpoint as ckpt
 from megasink.utils import atomic_write_text, fsync_dir
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -84,8 +84,7 @@ def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, stat
                  "world_size": dims.world_size, "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}}
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
         save_config(cfg, tmp / "config.yaml")
-        if cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
-            shutil.copyfile(cfg.data.tokenizer, tmp / "tokenizer.model")
+        ckpt.save_tokenizer(cfg.data.tokenizer, tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -228,8 +228,7 @@ def write_checkpoint_dir(target: Path, cfg: Config, model_sd: dict, optim_sd: Op
         save_tensors(tmp / "optim.safetensors", optim_sd)
     if state is not None:
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
-    if tokenizer and Path(tokenizer).exists():
-        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    save_tokenizer(tokenizer, tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -237,6 +236,12 @@ def write_checkpoint_dir(target: Path, cfg: Config, model_sd: dict, optim_sd: Op
         shutil.rmtree(target)
     os.replace(tmp, target)
     fsync_dir(target.parent)
+
+
+def save_tokenizer(tokenizer: Optional[str], ckpt_dir: Path) -> None:
+    """Copy the run's tokenizer (``data.tokenizer``) into a checkpoint directory being written."""
+    if tokenizer and Path(tokenizer).exists():
+        shutil.copyfile(tokenizer, ckpt_dir / "tokenizer.model")
 
 
 def update_latest(ckpt_root: Path, name: str) -> None:
