@@ -97,7 +97,7 @@ def raw_encode_parallel(model: str, docs: list[str], procs: int) -> dict:
 def pipeline(src: str, model: str, out_dir: str, workers: int) -> dict:
     """One full preprocessing run; throughput over its wall time."""
     prefix = os.path.join(out_dir, f"w{workers}", "bench")
-    res = preprocess(PreprocessConfig(inputs=[src], tokenizer_model=model, output_prefix=prefix, workers=workers,
+    res = preprocess(PreprocessConfig(inputs=[src], tokenizer=model, output_prefix=prefix, workers=workers,
                                       progress=False, overwrite=True))
     return {"seconds": res.seconds, "tokens": res.tokens, "docs": res.read, "prefix": prefix,
             "docs_per_s": res.read / res.seconds, "tokens_per_s": res.tokens / res.seconds,

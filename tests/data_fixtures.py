@@ -110,3 +110,62 @@ def data_tokenizer_model() -> str:
         normalization_rule_name="identity", remove_extra_whitespaces=False,
     )
     return os.path.join(out, "tok.model")
+
+
+# --------------------------------------------------------------------------- Hugging Face tokenizers
+
+# Llama 3's pre-tokenizer split (then byte-level); see its tokenizer.json
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+HF_TOKENIZER_STYLES = ("llama3", "qwen", "llama3_large")
+"""llama3: BOS added by the post-processor, specials after the vocabulary; qwen: EOS only, no BOS;
+llama3_large: llama3 with every learned id moved up by 65,000 (ids up to ~66,000: stored as int32)."""
+
+
+@functools.lru_cache(maxsize=None)
+def data_hf_tokenizer(style: str = "llama3") -> str:
+    """Directory of a byte-level BPE Hugging Face tokenizer trained here with the ``tokenizers`` library
+    (vocab 1000 + specials): tokenizer.json from ``tokenizers`` and a hand-written tokenizer_config.json,
+    as the model hubs ship them. Trained once per test process."""
+    import tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+
+    if style not in HF_TOKENIZER_STYLES:
+        raise ValueError(f"style {style!r} is not one of {HF_TOKENIZER_STYLES}")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(list(data_docstring_corpus()), trainer)
+    if style == "llama3_large":
+        tok = _shift_ids(tok, 65_000)
+    bos, eos = ("<|begin_of_text|>", "<|end_of_text|>") if style != "qwen" else (None, "<|endoftext|>")
+    tok.add_special_tokens([t for t in (bos, eos) if t])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    out = tempfile.mkdtemp(prefix=f"megasink-hf-tok-{style}-")
+    tok.save(os.path.join(out, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "clean_up_tokenization_spaces": False, "model_max_length": 131072}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return out
+
+
+def _shift_ids(tok, shift: int):
+    """The same BPE with every id moved up by ``shift`` (unused filler entries below)."""
+    import tokenizers
+    from tokenizers import models
+
+    spec = json.loads(tok.to_str())
+    vocab = {f"<|filler_{i}|>": i for i in range(shift)}
+    vocab.update({piece: shift + i for piece, i in spec["model"]["vocab"].items()})
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+    shifted = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    shifted.pre_tokenizer, shifted.decoder = tok.pre_tokenizer, tok.decoder
+    return shifted

@@ -55,7 +55,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     src = data_write_parquet(root / "fw.parquet", data_records(data_documents(120, seed=3)))
     prefix = str(root / "out" / "fw")
-    preprocess(PreprocessConfig(inputs=[src], tokenizer_model=data_tokenizer_model(), output_prefix=prefix,
+    preprocess(PreprocessConfig(inputs=[src], tokenizer=data_tokenizer_model(), output_prefix=prefix,
                                 workers=0, valid_fraction=0.15, shard_size=8000, progress=False))
     return prefix
 

@@ -44,7 +44,7 @@ def run(inputs, prefix, **kw):
     kw.setdefault("workers", 0)
     kw.setdefault("progress", False)
     kw.setdefault("chunk_docs", 16)
-    return preprocess(PreprocessConfig(inputs=[str(p) for p in inputs], tokenizer_model=data_tokenizer_model(), output_prefix=str(prefix), **kw))
+    return preprocess(PreprocessConfig(inputs=[str(p) for p in inputs], tokenizer=data_tokenizer_model(), output_prefix=str(prefix), **kw))
 
 
 def sequences(prefix):
@@ -345,7 +345,7 @@ def test_worker_dying_at_start_is_an_error_not_a_hang(tmp_path, docs):
     script = tmp_path / "unguarded.py"
     script.write_text(
         "from megasink.data.preprocess import PreprocessConfig, preprocess\n"
-        f"preprocess(PreprocessConfig(inputs=[{src!r}], tokenizer_model={str(tmp_path / 'big.model')!r}, "
+        f"preprocess(PreprocessConfig(inputs=[{src!r}], tokenizer={str(tmp_path / 'big.model')!r}, "
         f"output_prefix={str(tmp_path / 'o' / 'p')!r}, workers=1, progress=False))\n"
     )
     env = dict(os.environ, PYTHONPATH=REPO)

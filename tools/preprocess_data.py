@@ -2,10 +2,14 @@
 """Tokenize FineWeb-Edu (parquet), JSON lines or a saved `datasets` folder into Megatron
 indexed datasets: PREFIX.bin/.idx (or PREFIX_00000.* shards), PREFIX_valid.* and
 PREFIX.meta.json. A thin CLI over megasink.data.preprocess (see README "Data workflow").
+--tokenizer is a sentencepiece .model or a Hugging Face tokenizer directory (tokenizer.json,
+e.g. a Llama 3 or Qwen download); vocabularies over 65536 ids are stored as int32.
 
     python tools/preprocess_data.py --input data/fineweb-edu/*.parquet \\
-        --tokenizer-model tok/fwe32k.model --output-prefix data/fwe/fwe \\
+        --tokenizer tok/fwe32k.model --output-prefix data/fwe/fwe \\
         --min-int-score 3 --valid-fraction 0.001 --shard-size 1G --workers 16
+    python tools/preprocess_data.py --input data/fineweb-edu/*.parquet \\
+        --tokenizer models/Llama-3.2-1B --output-prefix data/fwe-llama3/fwe --workers 16
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (flags map one to one onto PreprocessConfig)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="parquet/jsonl[.gz|.zst] files, directories, globs, or a datasets save_to_disk folder")
-    p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    p.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
+                   help="sentencepiece .model file or Hugging Face tokenizer directory (tokenizer.json)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX_valid.*, PREFIX.meta.json")
     p.add_argument("--text-key", default="text", help="column / JSON key of the text (default: text)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes (0: in the main process)")
@@ -47,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=parse_size, default=0, help="read at most N input documents")
     p.add_argument("--split", default="train", help="split of a DatasetDict folder (default: train)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
-    p.add_argument("--prepend-bos", action="store_true", help="prepend BOS to each document")
+    bos = p.add_mutually_exclusive_group()
+    bos.add_argument("--prepend-bos", dest="prepend_bos", action="store_true", default=None,
+                     help="prepend BOS to each document (default: when the tokenizer's own encode does, e.g. Llama 3)")
+    bos.add_argument("--no-bos", dest="prepend_bos", action="store_false", help="never prepend BOS")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output prefix")
     p.add_argument("--chunk-docs", type=int, default=256, help="documents per work item")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,7 +67,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = PreprocessConfig(
         inputs=args.input,
-        tokenizer_model=args.tokenizer_model,
+        tokenizer=args.tokenizer,
         output_prefix=args.output_prefix,
         text_key=args.text_key,
         workers=args.workers,

@@ -6,10 +6,13 @@ prefix P names ``P.bin/.idx``, or when those do not exist the shards ``P_00000``
 ``P_00001``, ... written by ``tools/preprocess_data.py --shard-size``. The validation
 split is ``data.valid_path`` or, when empty, ``P_valid`` next to each training prefix
 (same weights).
+
+A corpus's ``meta.json`` records its tokenizer's identity (``megasink.data.tokenizer``); when
+``data.tokenizer`` is set, it must be the same tokenizer (same files, wherever they lie: the
+original, a checkpoint's copy, an export), so a run never trains on ids another tokenizer wrote.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +22,7 @@ from megasink.data.blending import BlendedDataset
 from megasink.data.indexed import exists
 from megasink.data.outputs import SHARD_DIGITS, find_shards, meta_path, valid_prefix
 from megasink.data.packing import PackedDataset, SyntheticDataset
+from megasink.data.tokenizer import tokenizer_sha256
 from megasink.errors import DataError
 
 SPLITS = ("train", "valid")
@@ -106,14 +110,18 @@ def _check_meta(meta: Optional[dict], prefix: str, vocab_size: int, tokenizer: s
             f"dataset {prefix} was tokenized with a vocabulary of {tok['vocab_size']} ({tok.get('model')}), "
             f"larger than model.vocab_size={vocab_size}"
         )
-    if tokenizer and os.path.isfile(tokenizer) and tok.get("sha256"):
-        with open(tokenizer, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != tok["sha256"]:
-            raise DataError(
-                f"dataset {prefix} was tokenized with {tok.get('model')} (sha256 {tok['sha256'][:12]}…), "
-                f"not with data.tokenizer={tokenizer} (sha256 {digest[:12]}…)"
-            )
+    if not (tokenizer and tok.get("sha256")):
+        return
+    try:
+        digest = tokenizer_sha256(tokenizer)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.tokenizer: {e} (dataset {prefix} was tokenized with {tok.get('model')})") from e
+    if digest != tok["sha256"]:
+        raise DataError(
+            f"dataset {prefix} was tokenized with {tok.get('model')} (sha256 {tok['sha256'][:12]}…), "
+            f"not with data.tokenizer={tokenizer} (sha256 {digest[:12]}…): set data.tokenizer to the tokenizer "
+            f"that wrote the data, or tokenize it again with tools/preprocess_data.py --tokenizer {tokenizer}"
+        )
 
 
 def _packed(prefix: str, seq_len: int, vocab_size: int, tokenizer: str, key: str) -> PackedDataset:

@@ -2,9 +2,15 @@
 
 Pipeline: the main process reads raw records in chunks (:mod:`megasink.data.sources`) and
 hands them to ``workers`` processes, which decode and validate the text, apply the
-filters, encode with sentencepiece, append EOS and assign each document to the train or
-validation split; the main process writes the results in input order, so the output is
-the same bytes for any number of workers.
+filters, encode a chunk's texts in one batch with the tokenizer (sentencepiece or Hugging
+Face, :mod:`megasink.data.tokenizer`), frame each document (BOS as the tokenizer does, EOS)
+and assign it to the train or validation split; the main process writes the results in
+input order, so the output is the same bytes for any number of workers. Each worker encodes
+in one thread (a Hugging Face tokenizer's own thread pool is turned off there): ``workers``
+is the parallelism.
+
+Tokens are stored as uint16 when every id fits (vocab_size <= 65536), else int32; the
+``.idx`` header records the dtype with Megatron's code, so Megatron's readers read either.
 
 Outputs for ``--output-prefix P``: ``P.bin/.idx`` (or shards ``P_00000.*``, ...),
 ``P_valid.bin/.idx`` when ``valid_fraction > 0``, and ``P.meta.json``. Everything is
@@ -20,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -48,8 +55,8 @@ class PreprocessConfig:
 
     inputs: list
     """Files, directories or globs (parquet, jsonl[.gz|.zst], datasets save_to_disk folders)."""
-    tokenizer_model: str
-    """sentencepiece ``.model`` file."""
+    tokenizer: str
+    """sentencepiece ``.model`` file or Hugging Face tokenizer directory (``tokenizer.json``)."""
     output_prefix: str
     """Output prefix P (writes P.bin/P.idx or P_00000.*, P_valid.*, P.meta.json)."""
     text_key: str = "text"
@@ -74,8 +81,8 @@ class PreprocessConfig:
     """Split to read from a datasets DatasetDict folder."""
     append_eos: bool = True
     """Append the tokenizer's EOS id to every document."""
-    prepend_bos: bool = False
-    """Prepend the tokenizer's BOS id to every document."""
+    prepend_bos: Optional[bool] = None
+    """Prepend the tokenizer's BOS id: None as the tokenizer's own encode does (Llama 3 yes, sentencepiece no)."""
     overwrite: bool = False
     """Replace existing outputs at the prefix."""
     chunk_docs: int = 256
@@ -86,7 +93,7 @@ class PreprocessConfig:
 
 @dataclass
 class SplitStats:
-    """Documents, tokens (EOS included) and UTF-8 bytes written to one split."""
+    """Documents, tokens (BOS/EOS included) and UTF-8 bytes written to one split."""
 
     documents: int = 0
     tokens: int = 0
@@ -140,16 +147,13 @@ class ChunkResult:
     busy_seconds: float = 0.0  # worker wall time spent in process_chunk
 
 
-def _init_worker(model_path: str, sha256: str, opts: _WorkerOptions) -> None:
-    """Load the tokenizer in a worker. Only its path travels to the worker: a spawn payload
-    larger than a pipe buffer deadlocks the parent when a worker dies while starting."""
-    import sentencepiece as spm
+def _init_worker(spec: tuple, opts: _WorkerOptions, in_pool: bool = True) -> None:
+    """Load the tokenizer's encoder (``Tokenizer.worker_spec``: a path, never the tokenizer itself)."""
+    from megasink.data.tokenizer import open_worker_encoder
 
-    with open(model_path, "rb") as f:
-        proto = f.read()
-    if hashlib.sha256(proto).hexdigest() != sha256:
-        raise RuntimeError(f"tokenizer {model_path} changed while preprocessing")
-    _WORKER["sp"] = spm.SentencePieceProcessor(model_proto=proto)
+    if in_pool:  # one thread per worker: --workers is the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["encode"] = open_worker_encoder(spec)
     _WORKER["opts"] = opts
 
 
@@ -162,31 +166,30 @@ def is_valid_document(raw: bytes, valid_fraction: float) -> bool:
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
-    """Decode, validate, filter and encode one chunk (runs in a worker process)."""
+    """Decode, validate, filter, encode and frame one chunk (runs in a worker process)."""
     start = time.perf_counter()
     chunk = chunk.as_lists()
-    sp, opts = _WORKER["sp"], _WORKER["opts"]
+    opts = _WORKER["opts"]
     skipped: Counter = Counter()
-    ids_list, nbytes, valid = [], [], []
+    texts, raws = [], []
     for i in range(len(chunk.records)):
         fields = record_fields(chunk, i, opts.filter.text_key, skipped)
         raw = None if fields is None else keep_text(*fields, opts.filter, skipped)
-        if raw is None:
-            continue
-        ids = sp.encode(fields[0])
+        if raw is not None:
+            texts.append(fields[0])
+            raws.append(raw)
+    bos, eos = [opts.bos_id] if opts.bos_id >= 0 else [], [opts.eos_id] if opts.eos_id >= 0 else []
+    parts, lengths, nbytes, valid = [], [], [], []
+    for raw, ids in zip(raws, _WORKER["encode"](texts) if texts else []):
         if len(ids) < max(opts.min_tokens, 1):
             skipped["too_few_tokens"] += 1
             continue
-        if opts.bos_id >= 0:
-            ids.insert(0, opts.bos_id)
-        if opts.eos_id >= 0:
-            ids.append(opts.eos_id)
-        ids_list.append(ids)
+        parts += (bos, ids, eos)
+        lengths.append(len(bos) + len(ids) + len(eos))
         nbytes.append(len(raw))
         valid.append(is_valid_document(raw, opts.valid_fraction))
-    lengths = np.fromiter(map(len, ids_list), dtype=np.int64, count=len(ids_list))
-    total = int(lengths.sum())
-    tokens = np.fromiter(chain.from_iterable(ids_list), dtype=opts.dtype, count=total)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    tokens = np.fromiter(chain.from_iterable(parts), dtype=opts.dtype, count=int(lengths.sum()))
     return ChunkResult(
         tokens, lengths, np.asarray(nbytes, dtype=np.int64), np.asarray(valid, dtype=bool), len(chunk.records), skipped,
         time.perf_counter() - start,
@@ -196,7 +199,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
 def _run_chunks(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iterator[ChunkResult]:
     """Results of ``process_chunk`` in input order, with a bounded number of chunks in flight."""
     if workers <= 0:
-        _init_worker(*init_args)
+        _init_worker(*init_args, in_pool=False)
         for chunk in chunks:
             yield process_chunk(chunk)
         return
@@ -233,18 +236,15 @@ def _check_config(cfg: PreprocessConfig) -> None:
         raise ValueError(f"chunk_docs={cfg.chunk_docs} must be positive")
 
 
-def _worker_options(cfg: PreprocessConfig, tok: dict, dtype: np.dtype) -> _WorkerOptions:
-    if cfg.append_eos and tok["eos_id"] < 0:
-        raise ValueError(f"tokenizer {cfg.tokenizer_model} has no EOS id; retrain it with an eos_id")
-    if cfg.prepend_bos and tok["bos_id"] < 0:
-        raise ValueError(f"tokenizer {cfg.tokenizer_model} has no BOS id")
+def _worker_options(cfg: PreprocessConfig, tok, dtype: np.dtype) -> _WorkerOptions:
+    bos, eos = tok.framing(cfg.prepend_bos, cfg.append_eos)  # names a missing BOS / EOS
     return _WorkerOptions(
         filter=RecordFilter(cfg.text_key, cfg.min_int_score, cfg.min_score, cfg.min_chars),
         dtype=dtype.name,
         min_tokens=cfg.min_tokens,
         valid_fraction=cfg.valid_fraction,
-        eos_id=tok["eos_id"] if cfg.append_eos else -1,
-        bos_id=tok["bos_id"] if cfg.prepend_bos else -1,
+        eos_id=-1 if eos is None else eos,
+        bos_id=-1 if bos is None else bos,
     )
 
 
@@ -266,9 +266,11 @@ def _write_result(res: ChunkResult, train: ShardedWriter, valid: Optional[Sharde
         split.bytes += int(res.nbytes[doc_mask].sum())
 
 
-def _meta(cfg: PreprocessConfig, tok: dict, dtype: np.dtype, sources, writers, out: PreprocessResult) -> str:
+def _meta(cfg: PreprocessConfig, tok: dict, opts: _WorkerOptions, sources, writers, out: PreprocessResult) -> str:
     """Contents of P.meta.json: deterministic (no times, no worker count)."""
     options = {k: v for k, v in asdict(cfg).items() if k not in ("output_prefix", "workers", "progress", "overwrite", "chunk_docs")}
+    options["prepend_bos"] = opts.bos_id >= 0  # as resolved (None: as the tokenizer does)
+    framing = " + ".join(["BOS"] * (opts.bos_id >= 0) + ["the text's tokens"] + ["EOS"] * (opts.eos_id >= 0))
     splits = {}
     for name, stats, writer in (("train", out.train, writers[0]), ("valid", out.valid, writers[1])):
         if writer is None:
@@ -282,14 +284,14 @@ def _meta(cfg: PreprocessConfig, tok: dict, dtype: np.dtype, sources, writers, o
         }
     meta = {
         "format": "megatron-indexed-v1",
-        "dtype": dtype.name,
+        "dtype": opts.dtype,
         "tokenizer": tok,
         "inputs": [s.path for s in sources],
         "options": options,
         "documents_read": out.read,
         "skipped": {k: out.skipped[k] for k in SKIP_REASONS if out.skipped.get(k)},
         "splits": splits,
-        "notes": "tokens include the EOS appended to each document; bytes are UTF-8 bytes of the kept texts",
+        "notes": f"each document is {framing} (tokens count them all); bytes are UTF-8 bytes of the kept texts",
     }
     return json.dumps(meta, indent=2) + "\n"
 
@@ -302,13 +304,8 @@ def _progress(cfg: PreprocessConfig, total: Optional[int]):
                 file=sys.stderr)
 
 
-def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
-    """Run the whole pipeline for ``cfg``; returns counts and wall time."""
-    from megasink.data.tokenizer import tokenizer_info
-
-    start = time.perf_counter()
-    _check_config(cfg)
-    check_output_prefix(cfg.output_prefix, cfg.overwrite)
+def _open_inputs(cfg: PreprocessConfig) -> tuple[list, ReadOptions, Optional[int]]:
+    """(sources, read options, records to read when cheaply known): fails early on bad inputs."""
     sources = expand_inputs(cfg.inputs)
     read_opts = ReadOptions(
         text_key=cfg.text_key,
@@ -317,13 +314,39 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         split=cfg.split,
         chunk_docs=cfg.chunk_docs,
     )
-    counts = [check_source(s, read_opts) for s in sources]  # fails early on bad inputs
+    counts = [check_source(s, read_opts) for s in sources]
     total = None if None in counts else sum(counts)
     if total is not None and cfg.max_docs:
         total = min(total, cfg.max_docs)
-    tok = tokenizer_info(cfg.tokenizer_model)
-    dtype = token_dtype(tok["vocab_size"])
-    init_args = (cfg.tokenizer_model, tok["sha256"], _worker_options(cfg, tok, dtype))
+    return sources, read_opts, total
+
+
+def _tokenize_into(results: Iterator[ChunkResult], train: ShardedWriter, valid: Optional[ShardedWriter],
+                   out: PreprocessResult, bar, start: float) -> None:
+    """Write every chunk's documents, in input order, updating the counts and the progress bar."""
+    for res in results:
+        _write_result(res, train, valid, out)
+        bar.update(res.read)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{out.tokens / elapsed:,.0f} tok/s", refresh=False)
+    if out.train.documents == 0:
+        raise ValueError(
+            f"no training document was kept from {out.read} records "
+            f"(skipped: {dict(out.skipped) or 'none'}); check --text-key and the filters"
+        )
+
+
+def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
+    """Run the whole pipeline for ``cfg``; returns counts and wall time."""
+    from megasink.data.tokenizer import load_tokenizer
+
+    start = time.perf_counter()
+    _check_config(cfg)
+    check_output_prefix(cfg.output_prefix, cfg.overwrite)
+    sources, read_opts, total = _open_inputs(cfg)
+    tok = load_tokenizer(cfg.tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    opts = _worker_options(cfg, tok, dtype)
     out = PreprocessResult()
     new_dirs = new_parent_dirs(cfg.output_prefix)
     train = ShardedWriter(cfg.output_prefix, dtype, cfg.shard_size)
@@ -331,20 +354,13 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     writers = [w for w in (train, valid) if w is not None]
     bar = _progress(cfg, total)
     try:
-        chunks = iter_chunks(sources, read_opts, cfg.max_docs)
-        for res in _run_chunks(chunks, cfg.workers, init_args):
-            _write_result(res, train, valid, out)
-            bar.update(res.read)
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{out.tokens / elapsed:,.0f} tok/s", refresh=False)
-        if out.train.documents == 0:
-            raise ValueError(
-                f"no training document was kept from {out.read} records "
-                f"(skipped: {dict(out.skipped) or 'none'}); check --text-key and the filters"
-            )
+        with tempfile.TemporaryDirectory(prefix="megasink-tokenizer-") as tmp:
+            chunks = iter_chunks(sources, read_opts, cfg.max_docs)
+            _tokenize_into(_run_chunks(chunks, cfg.workers, (tok.worker_spec(tmp), opts)), train, valid, out, bar,
+                           start)
         for w in writers:
             w.finalize()
-        meta = _meta(cfg, tok, dtype, sources, (train, valid), out)
+        meta = _meta(cfg, tok.info(), opts, sources, (train, valid), out)
         out.outputs = commit_outputs(cfg.output_prefix, writers, meta, cfg.overwrite)
     except BaseException:
         for w in writers:
