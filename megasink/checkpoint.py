@@ -239,9 +239,14 @@ def write_checkpoint_dir(target: Path, cfg: Config, model_sd: dict, optim_sd: Op
 
 
 def save_tokenizer(tokenizer: Optional[str], ckpt_dir: Path) -> None:
-    """Copy the run's tokenizer (``data.tokenizer``) into a checkpoint directory being written."""
+    """Copy the run's tokenizer (``data.tokenizer``) into a checkpoint directory being written, as
+    plain files beside the weights: a sentencepiece model as ``tokenizer.model``, a Hugging Face
+    tokenizer as its ``tokenizer.json``, ``tokenizer_config.json``, ... (same identity as the
+    original: ``megasink.data.tokenizer``). The step directory is then itself a tokenizer path."""
     if tokenizer and Path(tokenizer).exists():
-        shutil.copyfile(tokenizer, ckpt_dir / "tokenizer.model")
+        from megasink.data.tokenizer import copy_tokenizer
+
+        copy_tokenizer(tokenizer, ckpt_dir)
 
 
 def update_latest(ckpt_root: Path, name: str) -> None:

@@ -166,7 +166,7 @@ class DataConfig:
     valid_path: list = field(default_factory=list)
     """Validation prefixes; empty means PREFIX_valid next to each training prefix when present."""
     tokenizer: str = ""
-    """sentencepiece model used to build the data (recorded for export and bits-per-byte)."""
+    """The data's tokenizer: sentencepiece .model or HF tokenizer dir (checked against meta.json, exported)."""
     synthetic_docs: bool = True
     """synthetic data: pack random-length documents (exercises document masking)."""
 

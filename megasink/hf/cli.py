@@ -25,8 +25,8 @@ def to_hf_main(argv=None) -> int:
                     "directory (load with trust_remote_code=True).")
     p.add_argument("checkpoint", help="megasink checkpoint: step dir, checkpoints/ dir or run dir")
     p.add_argument("out_dir", help="output directory (written as OUT.tmp and renamed)")
-    p.add_argument("--tokenizer", help="sentencepiece .model (default: the step dir's tokenizer.model, "
-                                       "then data.tokenizer of its config)")
+    p.add_argument("--tokenizer", help="sentencepiece .model or Hugging Face tokenizer directory (default: the "
+                                       "tokenizer the checkpoint carries, then data.tokenizer of its config)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
     p.add_argument("--max-shard-size", type=_size, default=DEFAULT_SHARD_BYTES,
                    help="largest safetensors file, e.g. 5GB (default), 500MB")

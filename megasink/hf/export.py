@@ -2,10 +2,11 @@
 
 The directory holds ``config.json``, ``generation_config.json``, safetensors weights (one
 file, or shards plus ``model.safetensors.index.json`` above ``max_shard_bytes``), the
-tokenizer when one is known, and ``megasink.json`` (the megasink config and shared heads,
-so that importing the directory back restores the checkpoint exactly). Vanilla models are
-stock ``LlamaForCausalLM``; sink and gated models carry ``configuration_megasink.py`` and
-``modeling_megasink.py`` and an ``auto_map`` (load with ``trust_remote_code=True``).
+tokenizer the model was trained with when one is known (``megasink.hf.tokenizer``), and
+``megasink.json`` (the megasink config and shared heads, so that importing the directory
+back restores the checkpoint exactly). Vanilla models are stock ``LlamaForCausalLM``; sink
+and gated models carry ``configuration_megasink.py`` and ``modeling_megasink.py`` and an
+``auto_map`` (load with ``trust_remote_code=True``).
 
 Our checkpoints hold full tensors whatever tp/pp/ZeRO layout wrote them, so "gathering" a
 layout is ``megasink.load_checkpoint``.
@@ -22,7 +23,7 @@ import torch
 
 from megasink.config import Config, config_to_dict
 from megasink.hf import mapping
-from megasink.hf.tokenizer import HF_TOKENIZER_SUBDIR, copy_hf_tokenizer, find_spm_model, write_hf_tokenizer
+from megasink.hf.tokenizer import find_tokenizer, write_export_tokenizer
 from megasink.utils import set_default_mode
 
 REMOTE_DIR = Path(__file__).parent / "remote"
@@ -84,10 +85,11 @@ def _generation_config(token_ids: dict) -> dict:
             "pad_token_id": pad if pad is not None else eos, "do_sample": False}
 
 
-def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathLike, spm_model: Optional[str] = None,
-                 hf_tokenizer_dir: Optional[str] = None, dtype: str = "float32",
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, progress: bool = True) -> Path:
-    """Write megasink ``model`` (config ``cfg``) as an HF directory at out_dir (atomically renamed)."""
+def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathLike, tokenizer: Optional[str] = None,
+                 dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                 progress: bool = True) -> Path:
+    """Write megasink ``model`` (config ``cfg``) as an HF directory at out_dir (atomically renamed), with
+    ``tokenizer`` (a sentencepiece .model or a Hugging Face tokenizer directory) when given."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     out = Path(out_dir)
@@ -97,12 +99,7 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathLike
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     m = cfg.model
-    token_ids: dict = {}
-    if spm_model:
-        token_ids = write_hf_tokenizer(spm_model, tmp, m.vocab_size)
-    elif hf_tokenizer_dir:
-        copy_hf_tokenizer(hf_tokenizer_dir, tmp)
-        token_ids = _token_ids_from_hf_tokenizer(tmp)
+    token_ids = write_export_tokenizer(tokenizer, tmp, m.vocab_size) if tokenizer else {}
     hf_cfg = mapping.hf_config_dict(m, token_ids, dtype=dtype)
     hf_cfg["transformers_version"] = _transformers_version()
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
@@ -123,13 +120,6 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathLike
     return out
 
 
-def _token_ids_from_hf_tokenizer(tok_dir: Path) -> dict:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-
-
 def _transformers_version() -> str:
     import transformers
 
@@ -139,14 +129,13 @@ def _transformers_version() -> str:
 def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Optional[str] = None,
                        dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                        progress: bool = True) -> Path:
-    """tools/convert_to_hf.py: a megasink checkpoint (run, checkpoints or step dir) -> HF directory."""
+    """tools/convert_to_hf.py: a megasink checkpoint (run, checkpoints or step dir) -> HF directory, carrying
+    ``tokenizer`` or else the checkpoint's own tokenizer (``find_tokenizer``)."""
     from megasink import load_checkpoint
     from megasink.checkpoint import resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     model, cfg = load_checkpoint(ckpt)
-    spm_model = find_spm_model(ckpt, cfg.data.tokenizer, tokenizer)
-    hf_tok = ckpt / HF_TOKENIZER_SUBDIR
-    return export_model(model, cfg, out_dir, spm_model=str(spm_model) if spm_model else None,
-                        hf_tokenizer_dir=str(hf_tok) if spm_model is None and hf_tok.is_dir() else None,
-                        dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
+    tok = find_tokenizer(ckpt, cfg.data.tokenizer, tokenizer)
+    return export_model(model, cfg, out_dir, tokenizer=str(tok) if tok else None, dtype=dtype,
+                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)

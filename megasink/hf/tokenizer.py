@@ -1,10 +1,12 @@
-"""sentencepiece <-> Hugging Face tokenizer files, and finding a model's tokenizer.
+"""A model's tokenizer for export, eval and diagnosis: finding it, writing it into an HF directory.
 
-megasink trains with a sentencepiece ``.model``; an HF export carries the equivalent fast
-tokenizer (``tokenizer.json`` built from the sentencepiece proto by transformers' own
-converter, in the mode that reproduces ``SentencePieceProcessor.encode`` exactly) plus the
-``.model`` itself. No BOS/EOS is added when encoding: megasink's preprocessor appends EOS
-to documents and adds no BOS, so a prompt is encoded as in training.
+A run's tokenizer (``data.tokenizer``: a sentencepiece ``.model`` or a Hugging Face tokenizer
+directory, :mod:`megasink.data.tokenizer`) is copied into every checkpoint (``save_tokenizer``),
+and an HF export carries it: a Hugging Face tokenizer as its own files, a sentencepiece model as
+the equivalent fast tokenizer (``tokenizer.json`` built from the proto by transformers' own
+converter, in the mode that reproduces ``SentencePieceProcessor.encode`` exactly, with no
+BOS/EOS added when encoding) plus the ``.model`` itself. ``load_encoder`` frames a document as
+the preprocessor did (BOS as the tokenizer does, EOS), so text is encoded as in training.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+from megasink.data.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_kind
+
 HF_TOKENIZER_SUBDIR = "hf_tokenizer"  # where an imported checkpoint keeps the source model's HF tokenizer
 
 
@@ -64,58 +67,58 @@ def write_hf_tokenizer(spm_path: str | os.PathLike, out_dir: str | os.PathLike, 
     return ids
 
 
+def write_export_tokenizer(tokenizer: str | os.PathLike, out_dir: str | os.PathLike, vocab_size: int) -> dict:
+    """Write the tokenizer at ``tokenizer`` into an HF export directory; returns its special token ids.
+    Raises ValueError if it has more ids than the model has embedding rows."""
+    kind, model = tokenizer_kind(tokenizer)
+    if kind == "sentencepiece":
+        return write_hf_tokenizer(model, out_dir, vocab_size)
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size} ids but the model's vocab_size is {vocab_size}")
+    copy_tokenizer(tokenizer, out_dir)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
 def copy_hf_tokenizer(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
-    """Copy the HF tokenizer files present in src_dir; returns the names copied."""
-    copied = []
-    for name in HF_TOKENIZER_FILES:
-        if (Path(src_dir) / name).exists():
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(src_dir) / name, Path(out_dir) / name)
-            copied.append(name)
-    return copied
+    """Copy the tokenizer of an HF model directory (nothing when it has none); returns the names copied."""
+    try:
+        return copy_tokenizer(src_dir, out_dir)
+    except (OSError, ValueError):  # no tokenizer files in src_dir
+        return []
 
 
-def find_spm_model(ckpt_dir: Path, data_tokenizer: str = "", explicit: Optional[str] = None) -> Optional[Path]:
-    """The sentencepiece model of a checkpoint: --tokenizer, the step dir's copy, or data.tokenizer."""
+def find_tokenizer(ckpt_dir: Path, data_tokenizer: str = "", explicit: Optional[str] = None) -> Optional[Path]:
+    """The tokenizer of a checkpoint: ``explicit`` (--tokenizer), the copy the step dir carries, the HF
+    tokenizer an imported checkpoint keeps in ``hf_tokenizer/``, or ``data.tokenizer``; None if none exists.
+    A path names a sentencepiece model or a tokenizer directory (``load_tokenizer`` takes either)."""
     if explicit:
-        p = Path(explicit)
-        if not p.is_file():
-            raise FileNotFoundError(f"--tokenizer {explicit}: no such sentencepiece model file")
-        return p
-    for p in (ckpt_dir / "tokenizer.model", Path(data_tokenizer) if data_tokenizer else None):
-        if p is not None and p.is_file():
-            return p
+        tokenizer_kind(explicit)  # raises, naming the path, if it is no tokenizer
+        return Path(explicit)
+    for candidate in (Path(ckpt_dir), Path(ckpt_dir) / HF_TOKENIZER_SUBDIR, Path(data_tokenizer) if data_tokenizer else None):
+        if candidate is not None and candidate.exists() and _is_tokenizer(candidate):
+            return candidate
     return None
 
 
+find_spm_model = find_tokenizer  # the earlier name (it found only sentencepiece models)
+
+
+def _is_tokenizer(path: Path) -> bool:
+    try:
+        tokenizer_kind(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def load_encoder(path: str | os.PathLike) -> Callable[[str], list]:
-    """text -> token ids, as the model was trained on them.
-
-    A sentencepiece ``.model`` encodes and appends EOS (megasink's preprocessor convention); an
-    HF tokenizer directory encodes with its own special-token settings (e.g. Llama's BOS).
-    """
-    p = Path(path)
-    if p.is_file():
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(p))
-        eos = sp.eos_id()
-        return lambda text: sp.encode(text) + ([eos] if eos >= 0 else [])
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)  # no prompt for the model's code
-    return lambda text: list(tok(text)["input_ids"])
+    """text -> token ids of one document, as the preprocessor wrote the training data: the
+    tokenizer's BOS first when its own encode adds one (Llama 3), its EOS last (when it has one)."""
+    tok = load_tokenizer(path)
+    return lambda text: tok.document(text, append_eos=tok.eos_id is not None)
 
 
 def load_decoder(path: str | os.PathLike) -> Callable[[list], str]:
     """token ids -> text, the inverse of ``load_encoder``: control and special tokens (EOS, BOS) are dropped."""
-    p = Path(path)
-    if p.is_file():
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(p))
-        return lambda ids: sp.decode([int(i) for i in ids])
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
-    return lambda ids: tok.decode([int(i) for i in ids], skip_special_tokens=True)
+    return load_tokenizer(path).decode
