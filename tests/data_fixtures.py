@@ -124,9 +124,16 @@ llama3_large: llama3 with every learned id moved up by 65,000 (ids up to ~66,000
 
 @functools.lru_cache(maxsize=None)
 def data_hf_tokenizer(style: str = "llama3") -> str:
-    """Directory of a byte-level BPE Hugging Face tokenizer trained here with the ``tokenizers`` library
-    (vocab 1000 + specials): tokenizer.json from ``tokenizers`` and a hand-written tokenizer_config.json,
-    as the model hubs ship them. Trained once per test process."""
+    """Directory of a byte-level BPE Hugging Face tokenizer (vocab 1000 + specials) trained on the
+    docstring corpus, once per test process (``write_hf_bpe_tokenizer``)."""
+    return write_hf_bpe_tokenizer(tempfile.mkdtemp(prefix=f"megasink-hf-tok-{style}-"), data_docstring_corpus(),
+                                  1000, style)
+
+
+def write_hf_bpe_tokenizer(out: str, texts, vocab_size: int, style: str = "llama3") -> str:
+    """Train a byte-level BPE with the ``tokenizers`` library on ``texts`` and write it to ``out`` as the
+    model hubs ship one: tokenizer.json from ``tokenizers`` and a hand-written tokenizer_config.json.
+    ``style``: one of HF_TOKENIZER_STYLES. Returns ``out``."""
     import tokenizers
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
@@ -138,9 +145,9 @@ def data_hf_tokenizer(style: str = "llama3") -> str:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(list(data_docstring_corpus()), trainer)
+    tok.train_from_iterator(list(texts), trainer)
     if style == "llama3_large":
         tok = _shift_ids(tok, 65_000)
     bos, eos = ("<|begin_of_text|>", "<|end_of_text|>") if style != "qwen" else (None, "<|endoftext|>")
@@ -148,7 +155,7 @@ def data_hf_tokenizer(style: str = "llama3") -> str:
     if bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
-    out = tempfile.mkdtemp(prefix=f"megasink-hf-tok-{style}-")
+    os.makedirs(out, exist_ok=True)
     tok.save(os.path.join(out, "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
               "clean_up_tokenization_spaces": False, "model_max_length": 131072}

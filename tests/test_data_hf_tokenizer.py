@@ -171,6 +171,8 @@ def test_identity_is_the_files_wherever_they_lie_and_training_checks_it(tmp_path
         build_dataset(DataConfig(path=[str(tmp_path / "p")], tokenizer=str(tmp_path / "nowhere")), 32, 1024, 0)
     with pytest.raises(DataError, match="vocabulary of 1002"):
         build_dataset(DataConfig(path=[str(tmp_path / "p")], tokenizer=tok_dir), 32, 1000, 0)
+    with pytest.raises(DataError, match="data.tokenizer: tokenizer .* holds neither tokenizer.json"):
+        build_dataset(DataConfig(path=["synthetic"], tokenizer=str(tmp_path)), 32, 1024, 0)  # before any save fails
 
 
 def test_kinds_and_refusals(tmp_path):
@@ -236,6 +238,7 @@ def test_checkpoint_and_export_carry_the_tokenizer(tmp_path, docs):
     assert tokenizer_sha256(out) == tokenizer_sha256(tok_dir)
     exported = transformers.AutoTokenizer.from_pretrained(str(out))
     assert exported(docs)["input_ids"] == transformers.AutoTokenizer.from_pretrained(tok_dir)(docs)["input_ids"]
+    assert load_encoder(out)(docs[0]) == load_encoder(tok_dir)(docs[0])  # the export is a tokenizer path too
     small = Config(model=small_model_cfg("vanilla", vocab_size=512))
     ckpt2 = save_model_checkpoint(build_seeded(small.model), small, tmp_path / "small", tokenizer=tok_dir)
     with pytest.raises(ValueError, match="1002 ids but the model's vocab_size is 512"):

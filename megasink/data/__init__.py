@@ -11,8 +11,9 @@ Trainer API::
     sd = loader.state_dict(); loader.load_state_dict(sd)
     for batch in iter_validation_batches(valid_ds, micro_batch_size, num_batches, dp_rank, dp_size): ...
 
-Preprocessing (pyarrow / sentencepiece, imported on use): ``megasink.data.preprocess``,
-``megasink.data.tokenizer``; command lines in ``tools/``.
+Tokenizers, sentencepiece or Hugging Face (imported on use): ``megasink.data.tokenizer``
+(``load_tokenizer(path)``, ``tokenizer_sha256``). Preprocessing (pyarrow, imported on use):
+``megasink.data.preprocess``; command lines in ``tools/``.
 """
 from megasink.data.blending import BlendedDataset, blending_index
 from megasink.data.build import build_dataset, parse_data_paths, resolve_prefix

@@ -22,7 +22,7 @@ from megasink.data.blending import BlendedDataset
 from megasink.data.indexed import exists
 from megasink.data.outputs import SHARD_DIGITS, find_shards, meta_path, valid_prefix
 from megasink.data.packing import PackedDataset, SyntheticDataset
-from megasink.data.tokenizer import tokenizer_sha256
+from megasink.data.tokenizer import tokenizer_kind, tokenizer_sha256
 from megasink.errors import DataError
 
 SPLITS = ("train", "valid")
@@ -124,6 +124,16 @@ def _check_meta(meta: Optional[dict], prefix: str, vocab_size: int, tokenizer: s
         )
 
 
+def _check_tokenizer_path(tokenizer: str) -> None:
+    """An existing data.tokenizer must be a tokenizer (checkpoints copy it; better to fail now than at the
+    first save). A missing one is an error only where a corpus records the tokenizer it needs."""
+    if tokenizer and os.path.exists(tokenizer):
+        try:
+            tokenizer_kind(tokenizer)
+        except ValueError as e:
+            raise DataError(f"data.tokenizer: {e}") from e
+
+
 def _packed(prefix: str, seq_len: int, vocab_size: int, tokenizer: str, key: str) -> PackedDataset:
     prefix = canonical_prefix(prefix)
     files = resolve_prefix(prefix, key)
@@ -164,6 +174,7 @@ def build_dataset(data_cfg, seq_len: int, vocab_size: int, seed: int, split: str
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    _check_tokenizer_path(data_cfg.tokenizer)
     paths = [str(p) for p in (data_cfg.path or [])]
     if [p.strip().lower() for p in paths] == ["synthetic"]:
         return SyntheticDataset(seq_len, vocab_size, seed, stream=SPLITS.index(split), documents=data_cfg.synthetic_docs)
