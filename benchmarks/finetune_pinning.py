@@ -9,8 +9,9 @@ fine-tuning runs on the same data, in one command:
     at step 0) shared and left out of the CV.
 benchmarks/reproduce_small.py runs the same experiment as part of its sweep (one process).
 Printed per run: routed-head CV (mean over layers), the mean gate ("importance") of the
-heads that were least important in the starting model (the formerly dormant ones: the
-bottom m per layer), and validation loss. Without the split, the CV term can only lower
+starting model's dormant heads (megasink/heatmap.py's definition; a layer without one
+contributes its least important head, as in benchmarks/reproduce_report.py), and validation
+loss. Without the split, the CV term can only lower
 the CV by lifting dormant heads' gates (pinning them on) or pushing the strong heads down;
 with the dominant heads shared, the routed heads are balanced among themselves.
 
@@ -28,14 +29,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce_report import formerly_dormant  # noqa: E402  (benchmarks/ is not a package)
 
 
 def start_importance(base: Path, data_prefix: str, batches: int = 8) -> torch.Tensor:
     """(L, H) importance of the starting model on validation batches."""
+    import megasink
     from megasink.data import build_dataset, iter_validation_batches
-    from megasink.checkpoint import load_full_model
 
-    model, cfg = load_full_model(base)
+    model, cfg = megasink.load_checkpoint(base)
     cfg.data.path = [data_prefix]
     ds = build_dataset(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.train.seed, split="valid")
     sums, count = 0.0, 0.0
@@ -79,15 +82,14 @@ def main(argv=None) -> int:
         print(f"{base} not found: run `make quickstart` first", file=sys.stderr)
         return 2
     imp0 = start_importance(base, str(REPO / args.data))
-    dormant = torch.zeros_like(imp0, dtype=torch.bool)
-    dormant.scatter_(1, imp0.topk(args.m, dim=-1, largest=False).indices, True)
+    dormant = torch.tensor(formerly_dormant(imp0.tolist()))  # (L, H) bool
     data = [f"data.path=[{REPO / args.data}]"]
     plans = {"plain": ["aux_loss.coef=0", "aux_loss.shared_heads=0"],
              "all-routed": ["aux_loss.coef=0.01", "aux_loss.shared_heads=0"],
              f"shared-{args.m}": ["aux_loss.coef=0.01", f"aux_loss.shared_heads={args.m}"]}
     results = {name: summarize(finetune(name, base, data + ov, args.steps, REPO / args.runs), dormant)
                for name, ov in plans.items()}
-    print(f"\nstarting model: mean importance {float(imp0.mean()):.4f}, dormant heads (bottom {args.m}/layer) "
+    print(f"\nstarting model: mean importance {float(imp0.mean()):.4f}, dormant heads ({int(dormant.sum())}) "
           f"{float(imp0[dormant].mean()):.4f}, per-layer CV "
           + " ".join(f"{float(c):.3f}" for c in (imp0.std(-1, unbiased=False) / imp0.mean(-1))))
     print("| run | routed-head CV (mean over layers) | dormant heads' mean gate | all heads' mean gate | val loss |")

@@ -9,7 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from megasink.heatmap import COLORBAR_LABEL, DORMANT, LEGEND, dormant_count, draw_importance, relative_importance
+from megasink.heatmap import COLORBAR_LABEL, DORMANT, LEGEND, dormant_count, dormant_mask, draw_importance
+
 VARIANT_ROWS = ("gated", "sink", "vanilla", "vanilla-bos")
 
 
@@ -44,10 +45,6 @@ def read_run(run_dir: Path) -> dict | None:
            "val_loss": val[vsteps[-1]]["val_loss"] if vsteps else float("nan"),
            "val_bpb": val[vsteps[-1]].get("val_bpb", float("nan")) if vsteps else float("nan")}
     return out
-
-
-def dormant_mask(imp) -> list[list[bool]]:
-    return [[r < DORMANT for r in row] for row in relative_importance(imp)]
 
 
 def mean_spread(xs: list[float]) -> tuple[float, float]:

@@ -12,7 +12,8 @@
    of both runs, what their difference means, and a heatmap of both runs' importance.
 
 Each stage is skipped when its output already exists (delete .quickstart/ to redo); a run
-directory trained with other settings is moved aside, never resumed.
+that already reached its last step is reused, and the summary says so; a run directory trained
+with other settings is moved aside, never resumed.
 """
 from __future__ import annotations
 
@@ -87,6 +88,14 @@ def set_aside_stale(run_dir: Path, overrides: list[str]) -> None:
     print(f"{run_dir} was trained with other settings (an older quickstart?): moved to {aside}, starting afresh")
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """Has the run in run_dir reached step ``steps``: its checkpoint of that step and its metrics?"""
+    from megasink.checkpoint import newest_complete, step_dir_name
+
+    ckpt = newest_complete(run_dir / "checkpoints")
+    return ckpt is not None and ckpt.name == step_dir_name(steps) and _last_step(run_dir) >= steps
+
+
 def train_concurrently(runs: dict[str, tuple[Path, list[str]]]) -> None:
     """The runs side by side, one single-threaded process each (one per core of a 2-core box)."""
     procs = []
@@ -128,10 +137,12 @@ def _final(run_dir: Path) -> dict:
 
 def difference(aux: dict, noaux: dict) -> list[str]:
     """The aux-vs-no-aux difference in numbers, and one sentence on what it means."""
+    from megasink.heatmap import DORMANT
+
     a, b = max(aux["cv"]), max(noaux["cv"])
     layer = noaux["cv"].index(b)
     lines = [f"largest per-layer CV: {b:.3f} without the aux loss (layer {layer}) vs {a:.3f} with it "
-             f"({b / max(a, 1e-9):.1f}x); dormant heads (importance < 0.5 x layer mean): {noaux['dormant']} vs "
+             f"({b / max(a, 1e-9):.1f}x); dormant heads (importance < {DORMANT} x layer mean): {noaux['dormant']} vs "
              f"{aux['dormant']}; val loss {noaux.get('val_loss', float('nan')):.3f} vs {aux.get('val_loss', float('nan')):.3f}."]
     dv = aux.get("val_loss", float("nan")) - noaux.get("val_loss", float("nan"))
     cost = f"validation loss {'+' if dv >= 0 else '-'}{abs(dv):.3f} with it"
@@ -145,11 +156,22 @@ def difference(aux: dict, noaux: dict) -> list[str]:
     return lines
 
 
-def summarize(runs: dict[str, Path], seconds: float) -> str:
-    from megasink.heatmap import save_importance_panels
+def timing(seconds: float, reused: list[str], runs: dict[str, Path]) -> str:
+    """The summary's line on time: how long this command took, and which runs it did not train."""
+    if not reused:
+        return f"wall time: {seconds / 60:.1f} min"
+    dirs = " ".join(str(runs[name]) for name in reused)
+    again = f"(delete {dirs} to train {'it' if len(reused) == 1 else 'them'} again)"
+    if len(reused) == len(runs):
+        return f"reused the finished runs, trained by an earlier `make quickstart`; nothing was trained now {again}"
+    return f"wall time: {seconds / 60:.1f} min; reused the finished run {', '.join(reused)} {again}"
+
+
+def summarize(runs: dict[str, Path], seconds: float, reused: list[str] = ()) -> str:
+    from megasink.heatmap import Panel, save_importance_panels
 
     finals = {name: _final(run_dir) for name, run_dir in runs.items()}
-    lines = ["# megasink quickstart summary", "", f"wall time: {seconds / 60:.1f} min", ""]
+    lines = ["# megasink quickstart summary", "", timing(seconds, list(reused), runs), ""]
     lines += ["| run | first loss | final loss | val loss | val bits/byte | per-layer CV | dormant heads |",
               "|---|---|---|---|---|---|---|"]
     for name, f in finals.items():
@@ -159,10 +181,13 @@ def summarize(runs: dict[str, Path], seconds: float) -> str:
     first = next(iter(runs.values()))
     if len(finals) == 2:
         lines += [""] + difference(*finals.values())
-    heatmap = save_importance_panels([(name, f["importance"]) for name, f in finals.items()],
+    heatmap = save_importance_panels([Panel(name, f["importance"], f["cv"]) for name, f in finals.items()],
                                      first / "importance_compare.png", "head importance at the end of training")
     lines += ["", f"heatmap (both runs, colour = importance / layer mean): {heatmap}",
-              f"metrics: {first / 'metrics.jsonl'}", f"tensorboard: tensorboard --logdir {first.parent}"]
+              f"metrics: {first / 'metrics.jsonl'}",
+              "commands (megasink, tensorboard, python tools/...) run inside the environment: "
+              "source .venv/bin/activate",
+              f"tensorboard: tensorboard --logdir {first.parent}"]
     return "\n".join(lines) + "\n"
 
 
@@ -186,8 +211,11 @@ def main(argv=None) -> int:
             for name, (rd, coef) in names.items()}
     for run_dir, overrides in runs.values():
         set_aside_stale(run_dir, overrides)
-    train_concurrently(runs)
-    summary = summarize({name: rd for name, (rd, _) in runs.items()}, time.perf_counter() - t0)
+    reused = [name for name, (rd, _) in runs.items() if finished(rd, args.steps)]
+    for name in reused:
+        print(f"{runs[name][0]}: reached step {args.steps} in an earlier run: reused, not trained again")
+    train_concurrently({name: run for name, run in runs.items() if name not in reused})
+    summary = summarize({name: rd for name, (rd, _) in runs.items()}, time.perf_counter() - t0, reused)
     (runs_root / "quickstart-sink" / "summary.md").write_text(summary)
     print("\n" + summary)
     return 0

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conftest import build_seeded, small_model_cfg
 from data_fixtures import data_documents
 from megasink.config import Config
-from megasink.diagnose import DocumentSource, diagnose, iter_samples
+from megasink.data.documents import DocumentSource, iter_samples
 from megasink.eval.ablation import ablate, main, masked_heads, masking_orders
+from megasink.eval.diagnose import diagnose
 from megasink.hf.cli import to_hf_main
 from megasink.checkpoint import save_model_checkpoint
 from test_hf_helpers import MODEL_VOCAB, train_spm, write_tokenized
@@ -82,7 +83,7 @@ def test_ablation_matches_independent_computation(variant, tmp_path, spm_path):
 
     from megasink.hf.tokenizer import load_encoder
 
-    samples = list(iter_samples(DocumentSource([text_data], load_encoder(str(spm_path))), NUM_SAMPLES, SEQ_LEN))
+    samples = list(iter_samples(DocumentSource([text_data]), NUM_SAMPLES, SEQ_LEN, encode=load_encoder(str(spm_path))))
     assert a.num_samples == len(samples) and a.num_targets == sum(len(s) - 1 for s in samples)
     base = _reference_nll(model, samples)
     assert abs(a.loss["importance"][0] - base / a.num_targets) <= 1e-6  # k = 0: the plain validation loss
@@ -128,3 +129,21 @@ def test_hf_directory_and_cli_outputs(tmp_path, spm_path, capsys):
     bad.write_text(json.dumps({"importance": [[1.0, 2.0]]}))
     assert main([str(ckpt), "--data", token_data, "--out", str(out), "--importance", str(bad)]) == 2
     assert "the model has 2 x 4 heads" in capsys.readouterr().err
+
+
+def test_fewer_samples_than_asked_and_dormant_heads_are_named(tmp_path, spm_path, capsys):
+    """ablate_heads.py once said nothing when it found 87 of the 200 samples asked for."""
+    from megasink.heatmap import dormant_mask
+
+    _, token_data = _data(tmp_path, spm_path)  # 10 documents
+    cfg = Config(model=small_model_cfg("sink", vocab_size=MODEL_VOCAB))
+    ckpt = save_model_checkpoint(build_seeded(cfg.model), cfg, tmp_path / "step_1", tokenizer=str(spm_path))
+    out = tmp_path / "abl"
+    assert main([str(ckpt), "--data", token_data, "--out", str(out), "--seq-len", str(SEQ_LEN)]) == 0
+    captured = capsys.readouterr()
+    assert "note: found 10 of the 200 samples asked for (--num-samples)" in captured.err
+    assert "data: 10 samples (found only 10 of the 200 asked for), <= 24 tokens each" in captured.out
+    res = json.loads((out / "ablation.json").read_text())
+    per_layer = [sum(row) for row in dormant_mask(res["importance"])]
+    assert res["dormant_per_layer"] == per_layer
+    assert f"per layer {' '.join(map(str, per_layer))}" in captured.out

@@ -1,5 +1,6 @@
 """Head diagnosis: importance from megasink's flash gates equals transformers' eager attention
-probabilities (vanilla) and the model's own forward (sink, gated); outputs and sampling."""
+probabilities (vanilla) and the model's own forward (sink, gated); outputs and sampling; the
+window defaults to the model's trained length; what auto means; one definition of dormant."""
 import json
 
 import numpy as np
@@ -8,13 +9,23 @@ import torch
 
 from conftest import build_seeded, small_model_cfg
 from megasink.config import Config
-from megasink.data.indexed import IndexedDatasetWriter
-from megasink.diagnose import DocumentSource, HFEagerGates, diagnose, iter_samples, main
-from megasink.model.importance import shared_mask_from_file
 from megasink.checkpoint import save_model_checkpoint
+from megasink.data.documents import DocumentSource, iter_samples
+from megasink.data.indexed import IndexedDatasetWriter
+from megasink.eval.diagnose import diagnose, main, summary, write_outputs
+from megasink.eval.inputs import HFEagerGates
 from test_hf_helpers import MODEL_VOCAB, save_random_hf, tiny_llama_config, train_spm
 
 transformers = pytest.importorskip("transformers")
+
+
+def shared_mask_from_file(path, n_layers, n_heads):
+    """The reader training uses for aux_loss.shared_heads (it is moving out of megasink.model)."""
+    try:
+        from megasink.shared_heads import shared_mask_from_file as read
+    except ImportError:
+        from megasink.model.importance import shared_mask_from_file as read
+    return read(path, n_layers, n_heads)
 
 DOC_LENGTHS = [30, 7, 30, 50, 12, 30, 2, 40]  # truncated to SEQ_LEN=24: several equal lengths batch together
 SEQ_LEN = 24
@@ -58,7 +69,7 @@ def test_vanilla_importance_matches_transformers_eager(tmp_path):
     assert res["num_tokens"] == sum(min(n, SEQ_LEN) - 1 for n in DOC_LENGTHS[:6])
     assert (imp - ref).abs().max() <= 1e-5
     assert imp.std() > 1e-3  # heads differ (by ~100x the tolerance): the comparison is not vacuous
-    for backend in ("sdpa", "eager"):  # the other kernels that return lse agree (sdpa is auto on CUDA)
+    for backend in ("sdpa", "eager"):  # the other kernels that return lse agree
         d = diagnose(str(hf_dir), [str(tmp_path / "data")], num_samples=6, seq_len=SEQ_LEN, backend=backend)
         assert (d.importance - ref).abs().max() <= 1e-5
     cv = imp.std(-1, unbiased=False) / imp.mean(-1)
@@ -139,8 +150,6 @@ def test_unrepresentable_hf_model_uses_eager_fallback(tmp_path):
 
 
 def test_top_m_must_leave_two_routed_heads(tmp_path):
-    from megasink.diagnose import write_outputs
-
     cfg = Config(model=small_model_cfg("sink", vocab_size=MODEL_VOCAB))  # 4 heads
     ckpt = save_model_checkpoint(build_seeded(cfg.model), cfg, tmp_path / "step_1")
     write_indexed(tmp_path / "data", [10, 12], MODEL_VOCAB)
@@ -158,3 +167,94 @@ def test_no_progress_bar_off_a_terminal(tmp_path, capsys):
     assert main([str(ckpt), "--data", str(tmp_path / "data"), "--num-samples", "2", "--seq-len", "8",
                  "--out", str(tmp_path / "diag")]) == 0  # progress on, but stderr is captured
     assert "samples:" not in capsys.readouterr().err
+
+
+def _sink_checkpoint(tmp_path, **model_kw):
+    cfg = Config(model=small_model_cfg("sink", vocab_size=MODEL_VOCAB, **model_kw))  # seq_len 48
+    model = build_seeded(cfg.model)
+    return model, save_model_checkpoint(model, cfg, tmp_path / "step_1")
+
+
+def test_seq_len_defaults_to_the_trained_length_and_longer_windows_warn(tmp_path, capsys):
+    """Issue: --seq-len defaulted to 2048 whatever the model, silently changing the verdict."""
+    from megasink.eval.inputs import default_seq_len, trained_length
+
+    model, ckpt = _sink_checkpoint(tmp_path)
+    write_indexed(tmp_path / "data", [100, 30, 70], MODEL_VOCAB)
+    d = diagnose(str(ckpt), [str(tmp_path / "data")], num_samples=3)
+    assert d.seq_len == 48 and d.trained_len == 48
+    assert d.num_tokens == 48 + 30 + 48  # sink: every token counts; documents cut at the trained length
+    assert "longer than" not in capsys.readouterr().err
+    assert "the model was trained for 48" in summary(d)
+
+    long = diagnose(str(ckpt), [str(tmp_path / "data")], num_samples=3, seq_len=80)
+    err = capsys.readouterr().err
+    assert "warning: 2 of 3 samples are longer than the 48 tokens the model was trained for" in err
+    assert "leave --seq-len out" in err and "longer than the 48 the model was trained for" in summary(long)
+
+    hf_dir = save_random_hf(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "llama")
+    assert trained_length(hf_dir)[0] == default_seq_len(hf_dir) == 128  # max_position_embeddings
+    big = save_random_hf(transformers.LlamaForCausalLM, tiny_llama_config(max_position_embeddings=131072),
+                         tmp_path / "big")
+    assert trained_length(big)[0] == 131072 and default_seq_len(big) == 4096  # capped as convert_from_hf.py
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: 500)", "(default: 16384)", "(default: auto)", "(default: text)", "(default: 0)",
+                    "default: the length the model was trained for", "(default: the model's own)"):
+        assert default in text, default
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_fewer_samples_than_asked_are_named(tmp_path, capsys):
+    _, ckpt = _sink_checkpoint(tmp_path)
+    write_indexed(tmp_path / "data", [10, 0, 12], MODEL_VOCAB)
+    assert main([str(ckpt), "--data", str(tmp_path / "data"), "--num-samples", "5", "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert "found 2 of the 5 samples asked for" in captured.err
+    assert "data: 2 samples (found only 2 of the 5 asked for), <= 48 tokens each" in captured.out
+    assert main([str(ckpt), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "neither an indexed dataset" in err and "\n" not in err
+
+
+def test_auto_backend_is_resolve_backends(tmp_path):
+    """'auto' is the model's own resolve_backend everywhere; float32 on CUDA's varlen is refused by
+    name; another backend is built into a new model (nothing set on the loaded one)."""
+    from megasink.eval.inputs import check_route, forward_dtype, load_for_forward
+    from megasink.model.kernels import resolve_backend
+
+    for device in ("cpu", "cuda"):
+        dtype = forward_dtype("auto", device)
+        assert check_route("auto", device, dtype) == resolve_backend("auto", torch.device(device), False)
+    assert forward_dtype("auto", "cuda") == "bfloat16" and forward_dtype("auto", "cpu") == "float32"
+    with pytest.raises(ValueError, match=r"FlashAttention-2 \(varlen\).*--backend sdpa"):
+        check_route("auto", "cuda", "float32")
+    with pytest.raises(ValueError, match="--backend flash on cuda"):
+        check_route("flash", "cuda", "bfloat16")
+
+    model, ckpt = _sink_checkpoint(tmp_path)
+    tokens = torch.randint(0, MODEL_VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    auto, eager = load_for_forward(ckpt, "cpu"), load_for_forward(ckpt, "cpu", backend="eager")
+    assert auto.cfg.attention_backend == "auto" and eager.cfg.attention_backend == "eager"
+    with torch.no_grad():
+        ref = model(tokens)
+        for m in (auto, eager):
+            out = m(tokens)
+            assert torch.allclose(out.logits, ref.logits, atol=1e-5)
+            assert torch.allclose(out.gate_sums, ref.gate_sums, atol=1e-5)
+
+
+def test_dormant_heads_are_the_heatmaps_definition(tmp_path):
+    from megasink.eval.diagnose import Diagnosis
+    from megasink.heatmap import DORMANT, dormant_count
+
+    imp = torch.tensor([[0.5, 0.5, 0.5, 0.05], [0.9, 0.2, 0.2, 0.7]], dtype=torch.float64)  # 1 + 2 dormant
+    d = Diagnosis("m", "sink", imp, 3, 30, 16)
+    assert dormant_count(imp.tolist()) == 3
+    assert f"dormant heads (importance < {DORMANT} x their layer's mean): 3 of 8" in summary(d)
+    out = write_outputs(d, tmp_path / "diag")
+    assert (out / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,6 @@
 """Head ablation: what head collapse costs (the library behind tools/ablate_heads.py).
 
-On the documents head diagnosis uses (megasink/diagnose.py: the same --data, --num-samples,
+On the documents head diagnosis uses (megasink/eval/inputs.py: the same --data, --num-samples,
 --seq-len and --shuffle-seed give the same samples), the k least important heads of every
 layer are masked, k = 0 ... H-1, and the validation loss is measured:
 
@@ -11,7 +11,8 @@ layer are masked, k = 0 ... H-1, and the validation loss is measured:
 A masked head contributes nothing to its layer's output: its slice of the attention output,
 the (B, T, nh * hd) input of ``wo``, is zeroed by a forward pre-hook (so every attention
 variant and kernel is masked the same way, from outside the model). A collapsed model loses
-little when its dormant heads go; a balanced one loses about as much as the random order.
+little when its dormant heads (megasink/heatmap.py's definition) go; a balanced one loses about
+as much as the random order.
 
 Loss is the mean cross-entropy (nats) over every predicted token of the samples (a sample of
 T tokens predicts T - 1); bits/byte divides the summed loss by ln 2 and by the UTF-8 bytes of
@@ -24,13 +25,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +49,7 @@ class Ablation:
     seq_len: int
     seed: int
     data: list = field(default_factory=list)
+    num_asked: int = 0  # --num-samples (0: as many as found)
 
     @property
     def loss(self) -> dict:
@@ -92,19 +92,6 @@ def masking_orders(importance: torch.Tensor, seed: int) -> dict:
             "random": [torch.randperm(H, generator=g).tolist() for _ in range(L)]}
 
 
-def batch_samples(samples: list, max_batch_tokens: int) -> list[torch.Tensor]:
-    """Samples of >= 2 tokens as (B, T) batches of equal length, at most max_batch_tokens each."""
-    by_len: dict = defaultdict(list)
-    for s in samples:
-        if len(s) >= 2:
-            by_len[len(s)].append(s)
-    batches = []
-    for length, group in by_len.items():
-        per = max(1, max_batch_tokens // length)
-        batches += [torch.as_tensor(np.stack(group[i:i + per])) for i in range(0, len(group), per)]
-    return batches
-
-
 @torch.no_grad()
 def total_nll(model, batches: list, device: str = "cpu") -> float:
     """Summed next-token cross-entropy (nats) over every predicted token of the batches."""
@@ -140,18 +127,18 @@ def predicted_bytes(samples: list, decode) -> int:
     return sum(len(decode(s).encode()) - len(decode(s[:1]).encode()) for s in samples if len(s) >= 2)
 
 
-def _load(model_path: str, tokenizer: Optional[str], device: str, backend: str, dtype: str):
-    from megasink.diagnose import HFEagerGates, load_for_forward
+def _load(model_path: str, device: str, backend: str, dtype: str):
+    from megasink.eval.inputs import HFEagerGates, load_for_forward
 
-    model, tok = load_for_forward(model_path, tokenizer, device, backend, dtype)
+    model = load_for_forward(model_path, device, backend, dtype)
     if isinstance(model, HFEagerGates):
         raise ValueError(f"{model_path}: head ablation needs a model megasink can represent (see the note above)")
-    return model.eval(), tok
+    return model
 
 
 def _importance(model, samples: list, importance_file: Optional[str], device: str, max_batch_tokens: int):
     """(L, H) importance: from an importance.json, or measured on the samples."""
-    from megasink.diagnose import gate_statistics
+    from megasink.eval.diagnose import gate_statistics
 
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if importance_file:
@@ -161,24 +148,30 @@ def _importance(model, samples: list, importance_file: Optional[str], device: st
         if imp.shape != (L, H):
             raise ValueError(f"--importance {importance_file}: {list(imp.shape)} values, the model has {L} x {H} heads")
         return imp
-    sums, count, _ = gate_statistics(model, iter(samples), device, max_batch_tokens)
+    sums, count, _ = gate_statistics(model, samples, device, max_batch_tokens)
     if count == 0:
         raise ValueError("no counted tokens: the data has no documents longer than one token")
     return sums / count
 
 
-def ablate(model_path: str, data: list, num_samples: int = 200, seq_len: int = 2048,
+def ablate(model_path: str, data: list, num_samples: int = 200, seq_len: Optional[int] = None,
            shuffle_seed: Optional[int] = None, seed: int = 0, importance_file: Optional[str] = None,
            tokenizer: Optional[str] = None, text_key: str = "text", device: str = "cpu", backend: str = "auto",
-           max_batch_tokens: int = 16384, dtype: str = "float32", progress: bool = False) -> Ablation:
-    """Validation loss with k = 0 ... H-1 heads masked per layer, by importance and in a seeded random order."""
-    from megasink.diagnose import DocumentSource, iter_samples
-    from megasink.hf.tokenizer import load_decoder, load_encoder
+           max_batch_tokens: int = 16384, dtype: str = "auto", progress: bool = False) -> Ablation:
+    """Validation loss with k = 0 ... H-1 heads masked per layer, by importance and in a seeded random
+    order. ``seq_len`` None: the length the model was trained for. Notes on the samples (fewer than
+    asked for, longer than the model was trained for) go to stderr."""
+    from megasink.data.documents import batch_by_length
+    from megasink.eval.inputs import default_seq_len, model_tokenizer, read_samples, sample_notes, trained_length
+    from megasink.hf.tokenizer import load_decoder
 
-    model, tok = _load(model_path, tokenizer, device, backend, dtype)
-    source = DocumentSource(data, load_encoder(tok) if tok else None, text_key)
-    samples = list(iter_samples(source, num_samples, seq_len, shuffle_seed))
-    batches = batch_samples(samples, max_batch_tokens)
+    seq_len = seq_len or default_seq_len(model_path)
+    model = _load(model_path, device, backend, dtype)
+    tok = model_tokenizer(model_path, tokenizer)
+    samples = read_samples(data, num_samples, seq_len, shuffle_seed, tok, text_key)
+    for note in sample_notes(samples, num_samples, seq_len, trained_length(model_path)):
+        print(note, file=sys.stderr)
+    batches = [torch.as_tensor(b) for b in batch_by_length(samples, max_batch_tokens, min_tokens=2)]  # (B, T) each
     if not batches:
         raise ValueError("no sample has two tokens: nothing to predict")
     importance = _importance(model, samples, importance_file, device, max_batch_tokens)
@@ -186,27 +179,37 @@ def ablate(model_path: str, data: list, num_samples: int = 200, seq_len: int = 2
     nll = ablation_nll(model, batches, orders, device, progress)
     n_bytes = predicted_bytes(samples, load_decoder(tok)) if tok else None
     return Ablation(str(model_path), model.cfg.attention, importance, orders, nll, len(samples),
-                    sum(t.numel() - t.shape[0] for t in batches), n_bytes, seq_len, seed, [str(p) for p in data])
+                    sum(t.numel() - t.shape[0] for t in batches), n_bytes, seq_len, seed, [str(p) for p in data],
+                    num_samples)
 
 
 # --------------------------------------------------------------------------- outputs
 
 
 def to_json(a: Ablation) -> dict:
+    from megasink.heatmap import dormant_mask
+
     L, H = a.importance.shape
     return {"model": a.model, "variant": a.variant, "data": a.data, "num_samples": a.num_samples,
             "num_targets": a.num_targets, "num_bytes": a.num_bytes, "seq_len": a.seq_len, "seed": a.seed,
             "layers": L, "heads": H, "k": list(range(H)), "importance": a.importance.tolist(), "orders": a.orders,
-            "loss": a.loss, "bpb": a.bpb}
+            "dormant_per_layer": [sum(row) for row in dormant_mask(a.importance.tolist())], "loss": a.loss,
+            "bpb": a.bpb}
 
 
 def summary(a: Ablation) -> str:
     """The table: loss (and bits/byte) per k for both orders."""
+    from megasink.heatmap import DORMANT, dormant_mask
+
     L, H = a.importance.shape
     loss, bpb = a.loss, a.bpb
+    asked = f" (found only {a.num_samples} of the {a.num_asked} asked for)" if a.num_samples < a.num_asked else ""
+    dormant = dormant_mask(a.importance.tolist())
     lines = [f"head ablation: {a.model} ({a.variant}, {L} layers x {H} heads)",
-             f"data: {a.num_samples} samples (<= {a.seq_len} tokens each), {a.num_targets} predicted tokens"
+             f"data: {a.num_samples} samples{asked}, <= {a.seq_len} tokens each, {a.num_targets} predicted tokens"
              + (f", {a.num_bytes} bytes" if a.num_bytes else " (no tokenizer: no bits/byte)"),
+             f"dormant heads (importance < {DORMANT} x their layer's mean): {sum(map(sum, dormant))} of {L * H}, "
+             f"per layer {' '.join(str(sum(row)) for row in dormant)}",
              f"k heads masked in every layer: least important first, or in a random order (seed {a.seed})", "",
              "   k   loss(importance)  loss(random)" + ("   bpb(importance)  bpb(random)" if bpb else "")]
     for k in range(H):
@@ -258,16 +261,16 @@ def write_outputs(a: Ablation, out_dir) -> Path:
 
 
 def main(argv=None) -> int:
-    from megasink.diagnose import add_forward_args
+    from megasink.eval.inputs import DefaultsFormatter, add_forward_args
 
     p = argparse.ArgumentParser(
-        prog="ablate_heads.py",
+        prog="ablate_heads.py", formatter_class=DefaultsFormatter,
         description="Head ablation: validation loss and bits/byte with the k least important heads of every layer "
                     "masked (k = 0 ... H-1), and in a seeded random order as the control, on the documents "
                     "diagnose_heads.py uses (same --data / --num-samples / --seq-len / --shuffle-seed). Writes "
                     "ablation.json, ablation.png and summary.txt.")
     add_forward_args(p, num_samples=200)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random masking order (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masking order")
     p.add_argument("--importance", help="importance.json of diagnose_heads.py (default: measured on the samples)")
     args = p.parse_args(argv)
     try:

@@ -1,4 +1,4 @@
-"""Metrics: metrics.jsonl, TensorBoard scalars and images, importance heatmaps, MFU.
+"""Metrics: metrics.jsonl, TensorBoard scalars and images, importance heatmaps (megasink/heatmap.py), MFU.
 
 Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (docs/design.md,
 "File formats and contracts"): step, loss, aux_loss, lr, grad_norm, tokens_per_s, mfu, cv [layers], and at its
@@ -7,7 +7,6 @@ own interval importance [layers][heads]; validation steps add val_loss and val_b
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -43,31 +42,6 @@ def flops_per_token(m: ModelConfig) -> float:
     mlp = 3 * d * m.ffn_dim
     n = m.n_layers * (attn + mlp) + d * m.vocab_size
     return 6 * n + 12 * m.n_layers * d * m.seq_len
-
-
-def save_importance_heatmap(imp, cv, path: str | os.PathLike, title: str = "") -> None:
-    """PNG heatmap: layers x heads importance, each row labelled with its CV."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    imp, cv = (torch.as_tensor(x).detach().to("cpu", torch.float32) for x in (imp, cv))
-    L, H = imp.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * H + 2.5), max(2.5, 0.35 * L + 1.5)))
-    im = ax.imshow(imp.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer (CV)")
-    ax.set_xticks(range(H))
-    ax.set_yticks(range(L))
-    ax.set_yticklabels([f"{i} ({c:.3f})" for i, c in enumerate(cv.tolist())])
-    ax.set_title(title or "head importance (mean gate)")
-    fig.colorbar(im, ax=ax, label="importance")
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 class MetricsLogger:
@@ -118,9 +92,12 @@ class MetricsLogger:
         at run time (the numbers are in metrics.jsonl either way)."""
         if not self.enabled:
             return None
+        from megasink.heatmap import Panel, save_importance_panels
+
+        imp, cv = (torch.as_tensor(x).detach().to("cpu", torch.float64).tolist() for x in (imp, cv))
         path = self.run_dir / "importance.png"
         try:
-            save_importance_heatmap(imp, cv, path, title=f"head importance, step {step}")
+            save_importance_panels([Panel(f"step {step}", imp, cv)], path, "head importance (mean gate)")
         except ImportError:
             if not self._warned_no_matplotlib:
                 print("note: matplotlib is not installed: no importance.png heatmaps", flush=True)
