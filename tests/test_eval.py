@@ -1,10 +1,13 @@
 """Downstream evaluation, offline: tools/make_eval_task.py writes local tasks from a fixture corpus
-(raw or tokenized); ``megasink eval`` runs them with lm-evaluation-harness on tiny trained sink and
-gated checkpoints (through the HF export, remote code); the BPB task's bits/byte equals megasink's
-own rolling-window scoring; a checkpoint without a tokenizer gets a one-line error."""
+(raw or tokenized), fitted to the model's length; ``megasink eval`` runs them with
+lm-evaluation-harness on tiny trained sink and gated checkpoints (through the HF export, remote
+code) without truncation warnings and, off a terminal, without progress bars; the BPB task's
+bits/byte equals megasink's own rolling-window scoring; a checkpoint without a tokenizer gets a
+one-line error."""
 import contextlib
 import io
 import json
+import logging
 import os
 import runpy
 from pathlib import Path
@@ -27,6 +30,7 @@ from test_hf_helpers import MODEL_VOCAB, train_spm, write_tokenized
 
 TASKS = ["megasink_next_passage", "megasink_bpb"]
 NUM_DOCS = 12
+MODEL_LEN = small_model_cfg().seq_len  # the tiny models' trained length: the questions are fitted to it
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def corpus(tmp_path_factory):
     texts = [t[:1000].rsplit(" ", 1)[0] if len(t) > 1000 else t for t in data_documents(NUM_DOCS, seed=5)]
     (root / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     assert make_task_main([str(root / "valid.jsonl"), "--out", str(root / "tasks"), "--context-words", "24",
-                           "--passage-words", "8"]) == 0
+                           "--passage-words", "8", "--max-tokens", str(MODEL_LEN), "--tokenizer", str(spm_path)]) == 0
     return root, spm_path, texts, root / "valid.jsonl", root / "tasks"
 
 
@@ -75,32 +79,54 @@ def _offline():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module", params=["sink", "gated"])
 def evaluated(request, corpus):
-    """One offline `megasink eval` of both generated tasks per variant: (variant, run dir, stdout)."""
+    """One offline `megasink eval` of both generated tasks per variant, its stderr a file (not a
+    terminal): (variant, run dir, stdout, stderr, lm-eval's warnings)."""
     pytest.importorskip("lm_eval")
     root, spm_path, texts, _, tasks = corpus
     run = _train_tiny(request.param, spm_path, texts, root / f"run_{request.param}")
-    stdout = io.StringIO()
-    with _offline(), contextlib.redirect_stdout(stdout):
-        rc = cli_main(["eval", str(run), "--include-path", str(tasks), "--tasks", ",".join(TASKS),
-                       "--batch-size", "16", "--device", "cpu", "--metrics-run", str(run)])
-    assert rc == 0
-    return request.param, run, stdout.getvalue()
+    stdout, stderr, warnings = io.StringIO(), io.StringIO(), _Records()
+    logging.getLogger("lm_eval").addHandler(warnings)
+    try:
+        with _offline(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = cli_main(["eval", str(run), "--include-path", str(tasks), "--tasks", ",".join(TASKS),
+                           "--batch-size", "16", "--device", "cpu", "--metrics-run", str(run)])
+    finally:
+        logging.getLogger("lm_eval").removeHandler(warnings)
+    assert rc == 0, stderr.getvalue()[-3000:]
+    return request.param, run, stdout.getvalue(), stderr.getvalue(), warnings.messages
 
 
 def test_make_eval_task_files(corpus, tmp_path):
+    import sentencepiece as spm
+
     root, spm_path, texts, valid, tasks = corpus
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
     manifest = json.loads((tasks / "manifest.json").read_text())
     assert manifest["tasks"] == TASKS and manifest["num_documents"] == NUM_DOCS
+    assert manifest["max_tokens"] == MODEL_LEN and manifest["num_shortened"] > 0
     rows = [json.loads(line) for line in (tasks / "next_passage.jsonl").read_text().splitlines()]
     assert len(rows) == manifest["num_questions"] >= NUM_DOCS // 2
     for r in rows:
         assert len(set(r["choices"])) == NUM_CHOICES and 0 <= r["label"] < NUM_CHOICES
-        doc = next(t for t in texts if t.startswith(r["context"]))  # the context opens a document ...
-        rest = doc[len(r["context"]):]
-        assert rest.lstrip().startswith(r["choices"][r["label"]])  # ... and the gold choice follows it
-        assert len(r["context"].split()) == 24 and all(len(c.split()) == 8 for c in r["choices"])
+        gold = r["choices"][r["label"]]
+        follows = [t for t in texts if r["context"] in t
+                   and t[t.index(r["context"]) + len(r["context"]):].lstrip().startswith(gold)]
+        assert len(follows) == 1  # the gold choice follows the context in its document
+        doc = follows[0]
+        assert 1 <= len(r["context"].split()) <= 24 and all(len(c.split()) == 8 for c in r["choices"])
+        assert doc.split()[:24][-len(r["context"].split()):] == r["context"].split()  # the last of 24 words
+        assert max(len(sp.encode(r["context"] + " " + c)) for c in r["choices"]) < MODEL_LEN  # fits, EOS too
     assert len({r["label"] for r in rows}) > 1  # the answer's position varies
     for name in ("next_passage", "bpb"):
         cfg = yaml.safe_load((tasks / f"{name}.yaml").read_text())
@@ -118,6 +144,8 @@ def test_make_eval_task_files(corpus, tmp_path):
     assert d.tasks == ["tok_next_passage", "tok_bpb"] and d.num_documents == NUM_DOCS
     decoded = [json.loads(line)["text"] for line in (tmp_path / "tok_tasks" / "bpb.jsonl").read_text().splitlines()]
     assert decoded == [sp.decode(sp.encode(t)) for t in texts]
+    unfitted = [json.loads(line) for line in (tmp_path / "tok_tasks" / "next_passage.jsonl").read_text().splitlines()]
+    assert d.max_tokens is None and all(len(r["context"].split()) == 24 for r in unfitted)
     with pytest.raises(ValueError, match="need their tokenizer"):
         make_eval_tasks([str(tmp_path / "valid")], tmp_path / "no_tok")
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -127,7 +155,7 @@ def test_make_eval_task_files(corpus, tmp_path):
 
 
 def test_eval_writes_results_and_table(evaluated):
-    variant, run, stdout = evaluated
+    variant, run, stdout, _, _ = evaluated
     out = run / "eval" / "step_10"  # the default --out of a run's checkpoint
     res = json.loads((out / "results.json").read_text())
     mc, bpb = res["results"]["megasink_next_passage"], res["results"]["megasink_bpb"]
@@ -149,7 +177,7 @@ def test_bpb_task_equals_megasink_scoring(evaluated, corpus):
     """lm-eval's rolling log-likelihood through the HF export = megasink's forward on the same windows."""
     import sentencepiece as spm
 
-    variant, run, _ = evaluated
+    variant, run, _, _, _ = evaluated
     _, spm_path, texts, _, _ = corpus
     res = json.loads((run / "eval" / "step_10" / "results.json").read_text())["results"]["megasink_bpb"]
     model, cfg = load_checkpoint(run)
@@ -157,6 +185,47 @@ def test_bpb_task_equals_megasink_scoring(evaluated, corpus):
     ours = bits_per_byte(model, texts, sp.encode, sp.eos_id(), cfg.model.seq_len)
     assert abs(ours - res["bits_per_byte,none"]) <= 1e-3, (ours, res["bits_per_byte,none"])
     assert max(len(rolling_windows(len(sp.encode(t)), cfg.model.seq_len)) for t in texts) >= 3  # windows roll
+
+
+def test_no_truncation_and_no_bars_in_a_log(evaluated):
+    """A log of `megasink eval` once held lm-eval's "Truncating N tokens from the left" per request
+    (questions longer than the model) and a progress bar per document."""
+    _, _, _, stderr, warnings = evaluated
+    assert not [w for w in warnings if "Truncating" in w], warnings[:3]
+    assert "\r" not in stderr and "it/s" not in stderr and "examples/s" not in stderr, stderr[-2000:]
+    assert len(stderr.splitlines()) <= 5, stderr[-2000:]
+
+
+def test_progress_lines_off_a_terminal(monkeypatch):
+    """Off a terminal lm-eval's tqdm writes whole lines, at most one per LOG_INTERVAL_S; on a
+    terminal, and after the block, tqdm is lm-eval's own."""
+    pytest.importorskip("lm_eval")
+    import lm_eval.api.model as lm_model
+    import tqdm
+
+    from megasink.eval import harness
+
+    original = tqdm.tqdm
+    log = io.StringIO()
+    monkeypatch.setattr(harness, "LOG_INTERVAL_S", 0.0)
+    with harness.log_progress(log):
+        assert lm_model.tqdm is not original and tqdm.tqdm is not original
+        for _ in lm_model.tqdm(range(3), desc="Running requests", file=log):  # lm-eval's: sys.stderr
+            pass
+        with lm_model.tqdm(total=4, desc="quiet", disable=True, file=log) as bar:
+            bar.update(4)
+    assert lm_model.tqdm is original and tqdm.tqdm is original
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and lines[-1] == ""  # whole lines only
+    assert lines[0].startswith("lm-eval: Running requests 0/3 (") and lines[-2].startswith("lm-eval: Running "
+                                                                                          "requests 3/3 (")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with harness.log_progress(Terminal()):
+        assert lm_model.tqdm is original
 
 
 def test_rolling_windows_cover_each_token_once():

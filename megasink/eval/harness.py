@@ -13,6 +13,11 @@ block) and ``results.md`` (lm-eval's markdown table, also printed).
 
 Offline, tasks come from local YAMLs (``dataset_path: json`` with absolute ``data_files``, as
 tools/make_eval_task.py writes) with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 set.
+
+Progress: on a terminal, lm-eval's own bars. Elsewhere (a log file, such as the background
+evaluations' eval.log) there are no bars (lm-eval draws one per batch of rolling windows, so
+one per document): lm-eval's progress becomes one whole line at most every ``LOG_INTERVAL_S``
+seconds, and transformers' and datasets' bars are off (``log_progress``).
 """
 from __future__ import annotations
 
@@ -20,11 +25,14 @@ import argparse
 import json
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 LM_EVAL_HINT = "pip install 'lm-eval[hf]==0.4.13' (make installs it)"
+LOG_INTERVAL_S = 30.0  # off a terminal: at most one progress line per this many seconds
 
 
 @dataclass
@@ -101,11 +109,81 @@ def run_lm_eval(model: HFModel, tasks: list, num_fewshot: Optional[int] = None, 
         raise ImportError(f"lm-eval is not installed ({e}): {LM_EVAL_HINT}") from None
 
     tm = task_manager(tasks, include_path)
-    lm = HFLM(pretrained=str(model.path), trust_remote_code=model.remote_code, device=device,
-              batch_size=batch_size, dtype=dtype, prefix_token_id=model.prefix_token_id)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                                   log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                   torch_random_seed=seed, fewshot_random_seed=seed)
+    with log_progress(sys.stderr):
+        lm = HFLM(pretrained=str(model.path), trust_remote_code=model.remote_code, device=device,
+                  batch_size=batch_size, dtype=dtype, prefix_token_id=model.prefix_token_id)
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                       task_manager=tm, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                       torch_random_seed=seed, fewshot_random_seed=seed)
+
+
+def _line_progress_class(base):
+    """A subclass of tqdm class ``base`` for a log file: no bar and no carriage return; a whole
+    line at most every LOG_INTERVAL_S seconds over all its bars (none for a short run), and a
+    bar that wrote one writes its last state when it closes."""
+
+    class LineProgress(base):
+        last_line = time.monotonic()  # when any bar of this class last wrote (class-wide)
+        wrote = False  # has this bar written a line (then it writes its last state when closed)
+
+        def __init__(self, *args, **kwargs):
+            kwargs["leave"] = False  # tqdm's own close only clears, which display ignores
+            super().__init__(*args, **kwargs)
+
+        def write_line(self) -> None:
+            LineProgress.last_line, self.wrote = time.monotonic(), True
+            elapsed = self.format_interval(self.format_dict["elapsed"])
+            self.fp.write(f"lm-eval: {self.desc or 'progress'} {self.n}/{self.total or '?'} ({elapsed})\n")
+            self.fp.flush()
+
+        def display(self, msg=None, pos=None):
+            if msg is None and time.monotonic() - LineProgress.last_line >= LOG_INTERVAL_S:
+                self.write_line()
+            return False
+
+        def close(self):
+            if not self.disable and self.wrote:
+                self.write_line()
+            super().close()
+
+        def clear(self, nolock=False):
+            pass
+
+    return LineProgress
+
+
+@contextmanager
+def log_progress(stream):
+    """While inside, progress as fits ``stream``: unchanged on a terminal; otherwise lm-eval's tqdm
+    (the ``tqdm`` of every loaded lm_eval module and of the tqdm package, for its local imports)
+    replaced by line progress, and transformers' and datasets' bars off; all restored on exit."""
+    if stream.isatty():
+        yield
+        return
+    import datasets
+    import tqdm as tqdm_pkg
+    from transformers.utils import logging as hf_logging
+
+    def holders(cls) -> list:  # the tqdm package and each loaded lm_eval module whose tqdm is cls
+        return [tqdm_pkg] + [m for name, m in list(sys.modules.items())
+                             if name.startswith("lm_eval") and getattr(m, "tqdm", None) is cls]
+
+    original = tqdm_pkg.tqdm
+    replacement = _line_progress_class(original)
+    bars_on = hf_logging.is_progress_bar_enabled(), not datasets.utils.are_progress_bars_disabled()
+    for holder in holders(original):
+        holder.tqdm = replacement
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for holder in holders(replacement):  # also modules first imported inside
+            holder.tqdm = original
+        if bars_on[0]:
+            hf_logging.enable_progress_bar()
+        if bars_on[1]:
+            datasets.enable_progress_bars()
 
 
 def results_table(results: dict) -> str:
