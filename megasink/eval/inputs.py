@@ -178,13 +178,13 @@ def load_for_forward(path: str | os.PathLike, device: str, backend: str = "auto"
     import megasink
 
     dtype = forward_dtype(dtype, device)
+    check_route(backend, device, dtype)
     model, cfg = load_model(path)
     if cfg is None:
         if backend != "auto":
             print(f"note: --backend {backend} does not apply: transformers' eager attention gives the gates",
                   file=sys.stderr)
     else:
-        check_route(backend, device, dtype)
         if backend != cfg.model.attention_backend:  # build with the backend asked for, then load the weights
             rebuilt = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_backend=backend),
                                           aux_loss=dataclasses.replace(cfg.aux_loss, shared_heads=0))
