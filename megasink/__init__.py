@@ -22,7 +22,7 @@ def build_model(cfg, aux_cfg=None):
     fine-tuning run, so here no head is shared. ``build_model(model_cfg, aux_cfg=None)`` takes a
     ``ModelConfig`` and an optional ``AuxLossConfig`` (default: its defaults) and shares no head.
     """
-    from megasink.model import importance
+    from megasink.shared_heads import shared_mask_from_file
     from megasink.model.transformer import Transformer
 
     if isinstance(cfg, Config):
@@ -32,7 +32,7 @@ def build_model(cfg, aux_cfg=None):
         model = Transformer(cfg.model, cfg.aux_loss)
         shared = cfg.aux_loss.shared_heads
         if isinstance(shared, str) and shared:
-            model.shared_heads.copy_(importance.shared_mask_from_file(shared, cfg.model.n_layers, cfg.model.n_heads))
+            model.shared_heads.copy_(shared_mask_from_file(shared, cfg.model.n_layers, cfg.model.n_heads))
         return model
     return Transformer(cfg, aux_cfg)
 

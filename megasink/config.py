@@ -16,6 +16,8 @@ from typing import Any, Union
 
 import yaml
 
+from megasink.shared_heads import MIN_ROUTED_HEADS, shared_mask_from_file
+
 ATTENTION_VARIANTS = ("vanilla", "sink", "gated")
 ATTENTION_BACKENDS = ("auto", "eager", "flash", "varlen", "flex", "sdpa")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
@@ -364,21 +366,16 @@ def validate_model(m: ModelConfig, where: str = "<config>") -> None:
         )
 
 
-MIN_ROUTED_HEADS = 2  # per layer: the CV of a single routed head is 0 and balances nothing
-
-
 def validate_shared_heads(shared_heads: Union[int, str], m: ModelConfig, where: str) -> None:
     """Both forms of aux_loss.shared_heads leave every layer MIN_ROUTED_HEADS routed heads: a count
     here, a file (when it exists; a missing one is named when training reads it) by the same rule in
-    megasink.model.importance.check_routed."""
+    megasink.shared_heads.check_routed."""
     if isinstance(shared_heads, int):
         if not 0 <= shared_heads <= m.n_heads - MIN_ROUTED_HEADS:
             raise ConfigError(
                 f"{where}: aux_loss.shared_heads={shared_heads} must leave at least {MIN_ROUTED_HEADS} routed "
                 f"heads of model.n_heads={m.n_heads}: use 0 to {m.n_heads - MIN_ROUTED_HEADS}")
     elif shared_heads and Path(shared_heads).is_file():
-        from megasink.model.importance import shared_mask_from_file
-
         try:
             shared_mask_from_file(shared_heads, m.n_layers, m.n_heads)
         except ValueError as e:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megasink.model import importance as imp
+from megasink.shared_heads import shared_mask_from_file
 
 
 def test_aux_loss_zero_for_equal_importance():
@@ -43,10 +44,10 @@ def test_aux_loss_and_grad_matches_autograd():
 def test_shared_mask_from_file(tmp_path):
     p = tmp_path / "importance.json"
     p.write_text(json.dumps({"shared_heads": [[0, 2], [3, 1]]}))
-    m = imp.shared_mask_from_file(p, 2, 4)
+    m = shared_mask_from_file(p, 2, 4)
     assert m.tolist() == [[True, False, True, False], [False, True, False, True]]
     with pytest.raises(ValueError, match="2 layers, the model has 3"):
-        imp.shared_mask_from_file(p, 3, 4)
+        shared_mask_from_file(p, 3, 4)
 
 
 def _cv2_reference(values) -> float:
@@ -112,7 +113,7 @@ def test_shared_heads_file_leaves_two_routed_heads(tmp_path, shared, ok):
     p = tmp_path / "importance.json"
     p.write_text(json.dumps({"shared_heads": shared}))
     if ok:
-        assert imp.shared_mask_from_file(p, 2, 4).sum().item() == 4
+        assert shared_mask_from_file(p, 2, 4).sum().item() == 4
     else:
         with pytest.raises(ValueError, match="at least 2 routed"):
-            imp.shared_mask_from_file(p, 2, 4)
+            shared_mask_from_file(p, 2, 4)

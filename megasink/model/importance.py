@@ -8,18 +8,13 @@ Counted tokens: every non-padding token; for vanilla attention each document's f
 (the sink itself, G = 0) is left out. Statistics are kept as *sums and counts* so that
 parallel code can add them over data-parallel ranks / micro-batches and gather heads over
 tensor-parallel ranks before the CV (docs/design.md, "The distributed aux-gradient
-invariant"): see ``aux_loss_and_grad``.
+invariant"): see ``aux_loss_and_grad``. Shared heads: megasink/shared_heads.py.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from megasink.config import MIN_ROUTED_HEADS
 from megasink.model.kernels import SeqInfo
-
 
 
 def token_weights(seq: SeqInfo, variant: str) -> torch.Tensor:
@@ -127,35 +122,3 @@ def tied_layers(imp: torch.Tensor, m: int) -> list[int]:
         return []
     ranked = torch.sort(imp, dim=-1, descending=True, stable=True).values
     return torch.nonzero(ranked[:, m - 1] == ranked[:, m]).flatten().tolist()
-
-
-def check_routed(shared: torch.Tensor, where: str) -> None:
-    """Refuse shared heads (L, H) bool that leave a layer fewer than MIN_ROUTED_HEADS routed heads
-    (the CV of one head is 0: its aux loss would silently vanish). The rule of both forms of
-    aux_loss.shared_heads (a count is checked by config.validate)."""
-    n_routed = (~shared).sum(-1)
-    bad = torch.nonzero(n_routed < MIN_ROUTED_HEADS).flatten().tolist()
-    if bad:
-        raise ValueError(
-            f"{where}: layer(s) {bad} keep {n_routed[bad[0]].item()} routed head(s) of {shared.shape[1]}: every "
-            f"layer needs at least {MIN_ROUTED_HEADS} routed (not shared) heads for the CV to balance; share fewer "
-            f"heads (tools/diagnose_heads.py --top-m at most {shared.shape[1] - MIN_ROUTED_HEADS})")
-
-
-def shared_mask_from_file(path: str | Path, n_layers: int, n_heads: int) -> torch.Tensor:
-    """(L, H) bool from an importance.json's ``shared_heads`` ([layers][m] head indices),
-    checked by ``check_routed``."""
-    data = json.loads(Path(path).read_text())
-    if "shared_heads" not in data:
-        raise ValueError(f"{path}: no 'shared_heads' (write it with tools/diagnose_heads.py --top-m M)")
-    rows = data["shared_heads"]
-    if len(rows) != n_layers:
-        raise ValueError(f"{path}: shared_heads has {len(rows)} layers, the model has {n_layers}")
-    mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
-    for layer, heads in enumerate(rows):
-        for h in heads:
-            if not 0 <= int(h) < n_heads:
-                raise ValueError(f"{path}: layer {layer} names head {h}, the model has {n_heads} heads")
-            mask[layer, int(h)] = True
-    check_routed(mask, f"{path}: shared_heads")
-    return mask
