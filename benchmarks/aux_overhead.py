@@ -125,16 +125,16 @@ def build(m, coef: float, backend: str = "auto"):
 
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(m, attention_backend=backend), AuxLossConfig(coef=coef))
-    model.measure_importance = coef > 0  # coef 0: as the trainer between log steps
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     return model, opt
 
 
 def train_step_fn(model, opt, batch, with_aux: bool, optimizer: bool = True):
     tokens, doc, targets = batch
+    measure = model.aux_cfg.coef > 0  # coef 0: as the trainer between log steps
 
     def step():
-        out = model(tokens, doc, targets=targets)
+        out = model(tokens, doc, targets=targets, measure=measure)
         loss = out.loss + out.aux_loss if with_aux else out.loss
         loss.backward()
         if optimizer:
@@ -182,8 +182,7 @@ def attention_cases(m, B: int, docs: bool) -> dict:
 
     def case(with_aux: bool):
         def f():
-            attn.gate_needs_grad = attn.measure_gate = with_aux
-            y, sums = attn(x, cos, sin, seq, "flash", weights)  # (H,) gate sums, as the model
+            y, sums = attn(x, cos, sin, seq, "flash", weights, gate_grad=with_aux, measure=with_aux)  # (H,) sums
             loss = (y * dy).sum()
             if with_aux:
                 loss = loss + (sums * r).sum()

@@ -4,11 +4,11 @@
 What it does: on ``tp`` gloo ranks (torch.multiprocessing.spawn, CPU), it builds a small
 model, applies ``megasink.parallel.tensor.apply_tensor_parallel``, wraps every
 ``torch.distributed`` collective so that each call is recorded (op, call site, phase,
-tensor elements and bytes), runs one training step, forward + backward of
-``out.loss + out.aux_loss``, and checks the record against the formula below, exactly
-(number of calls and elements per call site). ``--trainer`` also counts the step the way
-megasink/train/trainer.py takes it (LM loss + ``stats.surrogate`` after
-``stats.globalize``), which adds one more head all-gather.
+tensor elements and bytes), runs one training step the way megasink/train/trainer.py takes
+it (the vocabulary-parallel LM loss ``cross_entropy_sum``, the gate sums made global by
+``stats.globalize``, the aux gradient handed back by ``stats.attach_aux_grad``), forward +
+backward, and checks the record against the formula below, exactly (number of calls and
+elements per call site).
 
 Formula (derived from megasink/parallel/tensor.py; per rank, per step, one micro-batch).
 Notation: B batch, T sequence length, d d_model, L layers, H query heads, Hkv kv heads,
@@ -19,14 +19,14 @@ Forward
   row-parallel  ReduceFromTP after wo and after w2 (Megatron's two per layer)  2L x N d
   loss          VocabParallelCrossEntropy: all-reduce MAX of the row max, SUM of the
                 picked target logit, SUM of the sum of exps, each (N,)            3 x N
-  importance    GatherHeads all_gather of the gate sums: P x (L, H/P) -> (L, H)   1 x L H
+  importance    stats.globalize all_gather of the gate sums: P x (L, H/P) -> (L, H) 1 x L H
 Backward
   column-parallel inputs: CopyToTP all-reduces the gradient of each block's two norm
                 outputs (CopiedNorm: the summed input gradient of wq, wk, wv, and of
                 w1, w3), plus the output head's input                      (2L + 1) x N d
   replicated kv (only when Hkv % P != 0): CopyToTP on the wk and wv *weights*
                 all-reduces their full gradients                           2L x Hkv hd d
-  ReduceFromTP, GatherHeads and the cross-entropy have no collective in their backward.
+  ReduceFromTP, AuxGrad and the cross-entropy have no collective in their backward.
 
   elements = N d (4L + 2) + 3 N + L H  [+ 2 L Hkv hd d]
 
@@ -73,26 +73,23 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=96)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--trainer", action="store_true", help="also count the trainer's step (globalize + surrogate)")
     p.add_argument("--json", help="also write the records to this JSON file")
     return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------- formula
-def expected(m, B: int, P: int, trainer: bool = False) -> dict:
+def expected(m, B: int, P: int) -> dict:
     """{(phase, op, site): (calls, elements per call)} from the formula in the docstring."""
     N, d, L, H = B * m.seq_len, m.d_model, m.n_layers, m.n_heads
     e = {
         ("forward", "all_reduce", "VocabParallelEmbedding/ReduceFromTP"): (1, N * d),
         ("forward", "all_reduce", "RowParallelLinear/ReduceFromTP"): (2 * L, N * d),
         ("forward", "all_reduce", "VocabParallelCrossEntropy"): (3, N),
-        ("forward", "all_gather", "GatherHeads"): (1, L * H),
+        ("forward", "all_gather", "stats.globalize"): (1, L * H),
         ("backward", "all_reduce", "CopyToTP (activation)"): (2 * L + 1, N * d),
     }
     if m.kv_heads % P:
         e[("backward", "all_reduce", "CopyToTP (replicated kv weight)")] = (2 * L, m.kv_heads * m.head_dim * d)
-    if trainer:
-        e[("forward", "all_gather", "stats.globalize")] = (1, L * H)
     return e
 
 
@@ -164,11 +161,11 @@ def classify(rec: dict, m) -> tuple:
         site = "CopyToTP (replicated kv weight)" if weight else "CopyToTP (activation)"
     else:
         site = {"VocabParallelCrossEntropy.forward": "VocabParallelCrossEntropy",
-                "GatherHeads.forward": "GatherHeads", "globalize": "stats.globalize"}.get(site, site)
+                "globalize": "stats.globalize"}.get(site, site)
     return rec["phase"], rec["op"], site
 
 
-def _worker(rank, world, port, out_dir, cfg_kw, B, trainer):
+def _worker(rank, world, port, out_dir, cfg_kw, B):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
@@ -182,7 +179,7 @@ def _worker(rank, world, port, out_dir, cfg_kw, B, trainer):
     from megasink.model.transformer import Transformer
     from megasink.parallel import stats
     from megasink.parallel.dims import ParallelDims
-    from megasink.parallel.tensor import apply_tensor_parallel
+    from megasink.parallel.tensor import apply_tensor_parallel, cross_entropy_sum
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     dims = ParallelDims(tp=world, pp=1, dp=1, rank=rank)
@@ -192,36 +189,33 @@ def _worker(rank, world, port, out_dir, cfg_kw, B, trainer):
     results = {}
     for variant in VARIANTS:
         m = ModelConfig(attention=variant, **cfg_kw)
-        for mode in ("model", "trainer") if trainer else ("model",):
-            torch.manual_seed(0)
-            model = apply_tensor_parallel(Transformer(m, AuxLossConfig(coef=1e-2)), dims)
-            g = torch.Generator().manual_seed(1)
-            tokens = torch.randint(0, m.vocab_size, (B, m.seq_len), generator=g)  # same batch on every TP rank
-            doc = packed_doc_ids(B, m.seq_len, max(4, m.seq_len // 3))
-            start = len(log)
-            phase[0] = "forward"
-            out = model(tokens, doc, targets=tokens.roll(-1, 1))
-            if mode == "trainer":  # megasink/train/trainer.py with one micro-batch, dp = 1
-                s, c = stats.globalize(out.gate_sums, out.gate_count, dims)
-                _, grad = imp_lib.aux_loss_and_grad(s, c, model.routed_mask(), 1e-2)
-                loss = out.loss + stats.surrogate(out.gate_sums, grad, dims, scale=1.0)
-            else:
-                loss = out.loss + out.aux_loss
-            phase[0] = "backward"
-            loss.backward()
-            phase[0] = "after"
-            results[(variant, mode)] = log[start:]
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(Transformer(m, AuxLossConfig(coef=1e-2)), dims)
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, m.vocab_size, (B, m.seq_len), generator=g)  # same batch on every TP rank
+        doc = packed_doc_ids(B, m.seq_len, max(4, m.seq_len // 3))
+        start = len(log)
+        phase[0] = "forward"  # megasink/train/trainer.py with one micro-batch, dp = 1
+        out = model(tokens, doc)
+        loss = cross_entropy_sum(out.logits, tokens.roll(-1, 1), dims) / tokens.numel()
+        s, c = stats.globalize(out.gate_sums, out.gate_count, dims)
+        _, grad = imp_lib.aux_loss_and_grad(s, c, model.routed_mask(), 1e-2)
+        loss = stats.attach_aux_grad(loss, out.gate_sums, grad, dims, scale=1.0)
+        phase[0] = "backward"
+        loss.backward()
+        phase[0] = "after"
+        results[variant] = log[start:]
     dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(results, f)
 
 
-def run(P: int, cfg_kw: dict, B: int, trainer: bool) -> list:
-    """-> per-rank {(variant, mode): [records]}."""
+def run(P: int, cfg_kw: dict, B: int) -> list:
+    """-> per-rank {variant: [records]}."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(P, free_port(), out_dir, cfg_kw, B, trainer), nprocs=P, join=True)
+        mp.spawn(_worker, args=(P, free_port(), out_dir, cfg_kw, B), nprocs=P, join=True)
         res = []
         for r in range(P):
             with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
@@ -275,44 +269,41 @@ def main(argv=None) -> int:
         validate_model(m)
         if args.heads % P or args.vocab % P or (args.kv_heads % P and P % args.kv_heads):
             raise SystemExit(f"tp={P} does not divide heads / vocab / kv heads of this model")
-        per_rank = run(P, cfg_kw, args.batch, args.trainer)
-        modes = ("model", "trainer") if args.trainer else ("model",)
-        for mode in modes:
-            exp = expected(m, args.batch, P, trainer=mode == "trainer")
-            for variant in VARIANTS:
-                for rank, res in enumerate(per_rank):
-                    got = aggregate(res[(variant, mode)], m)
-                    if got != exp:
-                        ok = False
-                        print(f"MISMATCH tp={P} {variant} {mode} rank {rank}:\n  got      {got}\n  expected {exp}")
-                dump[f"tp{P}/{variant}/{mode}"] = per_rank[0][(variant, mode)]
-            # one table per (tp, mode): the records are the same for every variant and rank when ok
-            got = aggregate(per_rank[0][("sink", mode)], m)
-            rows, tot_pay, tot_wire, imp_pay, imp_wire = [], 0, 0.0, 0, 0.0
-            for key in sorted(got, key=lambda k: (k[0] != "forward", k[2])):
-                calls, per = got[key]
-                pay = calls * per * F32
-                wire = pay * wire_factor(key[1], P)
-                tot_pay, tot_wire = tot_pay + pay, tot_wire + wire
-                if key[2] in ("GatherHeads", "stats.globalize"):
-                    imp_pay, imp_wire = imp_pay + pay, imp_wire + wire
-                rows.append([key[0], key[1], key[2], calls, per, f"{pay:,}", f"{wire:,.0f}",
-                             "ok" if exp.get(key) == got[key] else f"expected {exp.get(key)}"])
-            for key in set(exp) - set(got):
-                rows.append([key[0], key[1], key[2], 0, 0, 0, 0, f"expected {exp[key]}"])
-            rows.append(["total", "", "", sum(c for c, _ in got.values()), "", f"{tot_pay:,}", f"{tot_wire:,.0f}", ""])
-            print(f"\n### tp={P}, {mode} step (forward + backward of "
-                  f"{'loss + surrogate(globalize(...))' if mode == 'trainer' else 'loss + aux_loss'}), per rank\n")
-            print(table(["phase", "op", "call site", "calls", "elements/call", "payload bytes", "ring wire bytes",
-                         "formula"], rows))
-            total_formula, imp_formula = formula_total(m, args.batch, P)
-            if mode == "model" and total_formula * F32 != tot_pay:
-                ok = False
-                print(f"MISMATCH: closed form {total_formula * F32} bytes != measured {tot_pay}")
-            print(f"\nimportance all-gather share: {imp_pay / tot_pay:.3e} of the payload, "
-                  f"{imp_wire / tot_wire:.3e} of the ring wire bytes")
-            summary.append(dict(tp=P, mode=mode, payload=tot_pay, wire=tot_wire, imp_payload=imp_pay,
-                                imp_share=imp_pay / tot_pay, imp_wire_share=imp_wire / tot_wire))
+        per_rank = run(P, cfg_kw, args.batch)
+        exp = expected(m, args.batch, P)
+        for variant in VARIANTS:
+            for rank, res in enumerate(per_rank):
+                got = aggregate(res[variant], m)
+                if got != exp:
+                    ok = False
+                    print(f"MISMATCH tp={P} {variant} rank {rank}:\n  got      {got}\n  expected {exp}")
+            dump[f"tp{P}/{variant}"] = per_rank[0][variant]
+        # one table per tp size: the records are the same for every variant and rank when ok
+        got = aggregate(per_rank[0]["sink"], m)
+        rows, tot_pay, tot_wire, imp_pay, imp_wire = [], 0, 0.0, 0, 0.0
+        for key in sorted(got, key=lambda k: (k[0] != "forward", k[2])):
+            calls, per = got[key]
+            pay = calls * per * F32
+            wire = pay * wire_factor(key[1], P)
+            tot_pay, tot_wire = tot_pay + pay, tot_wire + wire
+            if key[2] == "stats.globalize":
+                imp_pay, imp_wire = imp_pay + pay, imp_wire + wire
+            rows.append([key[0], key[1], key[2], calls, per, f"{pay:,}", f"{wire:,.0f}",
+                         "ok" if exp.get(key) == got[key] else f"expected {exp.get(key)}"])
+        for key in set(exp) - set(got):
+            rows.append([key[0], key[1], key[2], 0, 0, 0, 0, f"expected {exp[key]}"])
+        rows.append(["total", "", "", sum(c for c, _ in got.values()), "", f"{tot_pay:,}", f"{tot_wire:,.0f}", ""])
+        print(f"\n### tp={P}, the trainer's step (forward + backward), per rank\n")
+        print(table(["phase", "op", "call site", "calls", "elements/call", "payload bytes", "ring wire bytes",
+                     "formula"], rows))
+        total_formula, imp_formula = formula_total(m, args.batch, P)
+        if total_formula * F32 != tot_pay:
+            ok = False
+            print(f"MISMATCH: closed form {total_formula * F32} bytes != measured {tot_pay}")
+        print(f"\nimportance all-gather share: {imp_pay / tot_pay:.3e} of the payload, "
+              f"{imp_wire / tot_wire:.3e} of the ring wire bytes")
+        summary.append(dict(tp=P, payload=tot_pay, wire=tot_wire, imp_payload=imp_pay,
+                            imp_share=imp_pay / tot_pay, imp_wire_share=imp_wire / tot_wire))
     print("\n### Formula only: importance all-gather share at the repository's big configs (tp >= 2)\n")
     print(table(["config", "model", "B x T", "tp", "payload MiB/step", "importance", "share"], paper_configs()))
     if args.json:

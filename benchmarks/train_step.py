@@ -100,7 +100,6 @@ def build_pair(m):
 
     torch.manual_seed(0)
     ours = Transformer(m, AuxLossConfig(coef=0.0))
-    ours.measure_importance = False  # as the trainer's steps between log steps: no vanilla gates
     d = {k: v for k, v in hf_config_dict(m).items() if k not in ("architectures", "model_type", "torch_dtype")}
     d["use_cache"] = False
     hf_cfg = LlamaConfig(**d)
@@ -140,11 +139,12 @@ def step_fns(ours, hf, tokens, targets, explain: bool = False):
     head importance measured (vanilla gates computed, as on the trainer's log steps)."""
     import copy
 
-    def megasink_step(model):
+    def megasink_step(model, measure: bool = False):
+        """measure=False: as the trainer's steps between log steps (no vanilla gates)."""
         opt = adamw(model.parameters())
 
         def step():
-            model(tokens, targets=targets).loss.backward()
+            model(tokens, targets=targets, measure=measure).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -159,9 +159,7 @@ def step_fns(ours, hf, tokens, targets, explain: bool = False):
 
     steps = {"megasink": megasink_step(ours), "hf": step_hf}
     if explain:
-        measured = copy.deepcopy(ours)
-        measured.measure_importance = True
-        steps["measured"] = megasink_step(measured)
+        steps["measured"] = megasink_step(copy.deepcopy(ours), measure=True)
     return steps
 
 

@@ -28,8 +28,7 @@ def test_compiled_blocks_give_eager_gradients(variant, checkpointing):
     from torch._dynamo.utils import counters
 
     cfg = small_model_cfg(variant)
-    model = build_seeded(cfg, coef=1.0)  # the aux gradient is a visible share
-    model.activation_checkpointing = checkpointing
+    model = build_seeded(cfg, coef=1.0, activation_checkpointing=checkpointing)  # the aux gradient: a visible share
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
     layouts = [packed_doc_ids(2, cfg.seq_len), packed_doc_ids(2, cfg.seq_len, (5, 20, 33))]
     eager = [_grads(model, tokens, d) for d in layouts]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import build_seeded, small_model_cfg
+import megasink
 from megasink import load_checkpoint
-from megasink.config import Config
+from megasink.config import AuxLossConfig, Config
 from megasink.hf import UnsupportedModelError, import_model, mapping
 from megasink.hf.cli import from_hf_main, to_hf_main
 from megasink.checkpoint import save_model_checkpoint
@@ -196,8 +197,9 @@ def test_added_sinks_and_gates_train(attention, tmp_path):
     parameter by lr * |g| / (|g| + eps): at least 0.9 lr when its gradient is above 9 eps (at the old
     inits, -30 and +15, the gradients were 0 and 5e-10: nothing moved)."""
     hf_src = save_random_hf(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "llama")
-    model, cfg, _ = import_model(hf_src, attention=attention, progress=False)
-    model.aux_coef = 1e-2  # the fine-tuning lambda
+    imported, cfg, _ = import_model(hf_src, attention=attention, progress=False)
+    model = megasink.build_model(cfg.model, AuxLossConfig(coef=1e-2))  # the fine-tuning lambda
+    model.load_state_dict(imported.state_dict())
     added = {n: p for n, p in model.named_parameters() if n.endswith(("sinks", "gate_bias"))}
     start = {n: p.detach().clone() for n, p in added.items()}
     lr = 1e-3

@@ -3,7 +3,7 @@ finite differences, documents run alone)."""
 import pytest
 import torch
 
-from conftest import build_seeded, packed_doc_ids, small_model_cfg
+from conftest import build_seeded, packed_doc_ids, small_model_cfg, with_backend
 from megasink.model.importance import token_weights
 from megasink.model.kernels import SeqInfo
 from megasink.model.layers import apply_rope
@@ -65,10 +65,9 @@ def test_gates_match_explicit_probabilities(variant, backend):
     assert (sums - ref_sums).abs().max() < 1e-5 * weights.sum() and (y2 - ref_y).abs().max() < 1e-5
 
 
-def _loss_grads(model, tokens, doc, backend):
-    model.cfg.attention_backend = backend
-    model.zero_grad()
-    out = model(tokens, doc, targets=tokens.roll(-1, 1))
+def _loss_grads(model, tokens, doc, backend, measure=True):
+    model = with_backend(model, backend)
+    out = model(tokens, doc, targets=tokens.roll(-1, 1), measure=measure)
     (out.loss + out.aux_loss).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}, out
 
@@ -87,7 +86,6 @@ def test_flash_gradients_equal_eager(variant, docs):
         assert rel < 1e-4, (name, rel.item())
     # the lse gradient is really carried: without it (sdpa, inference-only) q/k grads differ
     if variant in ("vanilla", "sink"):
-        model.aux_coef = 1.0
         with pytest.raises(RuntimeError, match="drops the gradient of the log-sum-exp"):
             _loss_grads(model, tokens, doc, "sdpa")
 
@@ -181,7 +179,7 @@ def test_activation_checkpointing_same_gradients(variant):
     model = build_seeded(cfg, coef=1.0)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
     g1, _ = _loss_grads(model, tokens, packed_doc_ids(2, cfg.seq_len), "flash")
-    model.activation_checkpointing = True
+    model = build_seeded(cfg, coef=1.0, activation_checkpointing=True)
     g2, _ = _loss_grads(model, tokens, packed_doc_ids(2, cfg.seq_len), "flash")
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
@@ -253,24 +251,25 @@ def test_vanilla_gate_backward_equals_autograd_fp64(docs):
 
 
 def test_unmeasured_vanilla_gates_change_nothing_but_the_importance(variant):
-    """measure_importance=False (the trainer's steps between log steps, aux loss off): same
-    logits, loss and gradients; vanilla gate sums are NaN (not computed), other variants keep them."""
+    """forward(measure=False) (the trainer's steps between log steps, aux loss off): same logits,
+    loss and gradients; vanilla gates are not computed (no sums, no importance), other variants
+    keep them."""
     cfg = small_model_cfg(variant)
     model = build_seeded(cfg, coef=0.0)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
     doc = packed_doc_ids(2, cfg.seq_len)
     g_on, o_on = _loss_grads(model, tokens, doc, "flash")
-    model.measure_importance = False
-    g_off, o_off = _loss_grads(model, tokens, doc, "flash")
+    g_off, o_off = _loss_grads(model, tokens, doc, "flash", measure=False)
     assert torch.equal(o_on.logits, o_off.logits) and torch.equal(o_on.loss, o_off.loss)
     for name in g_on:
         assert torch.equal(g_on[name], g_off[name]), name
-    assert torch.isfinite(o_on.gate_sums).all()
-    assert bool(torch.isnan(o_off.gate_sums).all()) == (variant == "vanilla")
-    model.aux_coef = 1.0  # the aux loss needs the gates: measured whatever the flag says
-    assert torch.isfinite(model(tokens, doc, targets=tokens).gate_sums).all()
-    with torch.no_grad():  # also without a graph (the trainer's statistics pass)
+    assert torch.isfinite(o_on.gate_sums).all() and o_on.importance is not None
+    assert (o_off.gate_sums is None and o_off.importance is None) == (variant == "vanilla")
+    model = build_seeded(cfg, coef=1.0)  # the aux loss needs the gates: measured whatever measure says
+    assert torch.isfinite(model(tokens, doc, targets=tokens, measure=False).gate_sums).all()
+    with torch.no_grad():  # without a graph nothing differentiates them: measured only when asked
         assert torch.isfinite(model(tokens, doc, targets=tokens).aux_loss)
+        assert (model(tokens, doc, measure=False).gate_sums is None) == (variant == "vanilla")
 
 
 def test_rmsnorm_and_rope_functions_equal_autograd_fp64():

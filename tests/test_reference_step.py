@@ -10,12 +10,13 @@ pipeline parallelism, and saves it; its checkpoint's weights and AdamW moments (
 (1 - beta1) * gradient after one step, so it compares the gradient itself) and its logged loss,
 aux loss and gradient norm must equal the reference's.
 
-The test can fail: the same comparison, run with the aux-loss gradient scaled by 0.5 or 2 inside
-the trainer, must not pass.
+The test can fail: the same comparison, run with the trainer's aux-gradient scale (the one
+function ``stats.loss_scales``) multiplied by 0.5 or 2, must not pass.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 
@@ -67,19 +68,20 @@ def _trainer_worker(rank, world_size, overrides, aux_grad_factor):
 
 @contextlib.contextmanager
 def _aux_gradient_scaled(factor: float):
-    from megasink.model import importance
+    """The trainer's one aux-gradient scale (stats.loss_scales' injected_grad) times ``factor``."""
+    from megasink.parallel import stats
 
-    original = importance.aux_loss_and_grad
+    original = stats.loss_scales
 
     def scaled(*args, **kwargs):
-        loss, grad = original(*args, **kwargs)
-        return loss, grad * factor
+        scales = original(*args, **kwargs)
+        return dataclasses.replace(scales, injected_grad=scales.injected_grad * factor)
 
-    importance.aux_loss_and_grad = scaled
+    stats.loss_scales = scaled
     try:
         yield
     finally:
-        importance.aux_loss_and_grad = original
+        stats.loss_scales = original
 
 
 def run_trainer(tmp_path, variant: str, layout: list[str], aux_grad_factor: float = 1.0):

@@ -27,13 +27,13 @@ def _reference(variant):
     tokens, doc, targets = _batch(cfg)
     out = model(tokens, doc, targets=targets)
     return {"logits": out.logits.detach(), "loss": out.loss.detach(), "aux": out.aux_loss.detach(),
-            "imp": out.importance.detach(), **_grads(model, out, lambda p, g: g)}
+            "imp": out.importance.detach(), **_grads(model, out.loss, out.aux_loss, lambda p, g: g)}
 
 
-def _grads(model, out, gather):
+def _grads(model, lm_loss, aux_loss, gather):
     """LM and aux gradients separately, so neither hides behind the other."""
     res = {}
-    for key, loss in (("grads_lm", out.loss), ("grads_aux", out.aux_loss)):
+    for key, loss in (("grads_lm", lm_loss), ("grads_aux", aux_loss)):
         model.zero_grad()
         loss.backward(retain_graph=True)
         res[key] = {n: gather(p, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None}
@@ -41,11 +41,14 @@ def _grads(model, out, gather):
 
 
 def _tp_worker(rank, world_size):
+    """The TP model with the trainer's own loss and aux-gradient path (stats, cross_entropy_sum)."""
     import torch.distributed as dist
 
+    from megasink.model.importance import aux_loss_and_grad, importance
+    from megasink.parallel import stats
     from megasink.parallel.dims import ParallelDims
-    from megasink.parallel.tensor import apply_tensor_parallel
     from megasink.parallel.state_utils import gather_tp_tensor, slice_tp_tensor
+    from megasink.parallel.tensor import apply_tensor_parallel, cross_entropy_sum
 
     init_gloo(rank, world_size)
     dims = ParallelDims(tp=world_size, pp=1, dp=1, rank=rank)
@@ -58,11 +61,15 @@ def _tp_worker(rank, world_size):
         init_sliced = all(torch.equal(p, slice_tp_tensor(full[n], getattr(p, "tp_shard_dim", None), dims))
                           for n, p in model.named_parameters())
         tokens, doc, targets = _batch(cfg)
-        out = model(tokens, doc, targets=targets)
-        logits = gather_tp_tensor(out.logits.detach(), 2, dims)
-        grads = _grads(model, out, lambda p, g: gather_tp_tensor(g, getattr(p, "tp_shard_dim", None), dims))
-        results[variant] = {"logits": logits, "loss": out.loss.detach(), "aux": out.aux_loss.detach(),
-                            "imp": out.importance.detach(), "init_sliced": init_sliced, **grads}
+        out = model(tokens, doc)
+        lm = cross_entropy_sum(out.logits, targets, dims) / targets.numel()
+        sums, count = stats.globalize(out.gate_sums, out.gate_count, dims)
+        aux, grad = aux_loss_and_grad(sums, count, model.routed_mask(), 1.0)
+        aux_term = stats.attach_aux_grad(torch.zeros(()), out.gate_sums, grad, dims, scale=1.0)
+        gather = lambda p, g: gather_tp_tensor(g, getattr(p, "tp_shard_dim", None), dims)  # noqa: E731
+        grads = _grads(model, lm, aux_term, gather)
+        results[variant] = {"logits": gather_tp_tensor(out.logits.detach(), 2, dims), "loss": lm.detach(),
+                            "aux": aux, "imp": importance(sums, count), "init_sliced": init_sliced, **grads}
     dist.destroy_process_group()
     return results
 

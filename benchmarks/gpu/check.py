@@ -25,10 +25,12 @@ stands in for varlen, eager for flex; the CLI on a 2-layer 0.6b-shaped model): t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,8 +80,6 @@ def kernel_case(device, dtype, backend: str, T: int, hd: int = 64, augmented: bo
 
 
 def model_case(device, dtype, backend: str, variant: str) -> dict:
-    import copy
-
     from megasink.config import AuxLossConfig, ModelConfig
     from megasink.model.transformer import Transformer
 
@@ -95,8 +95,9 @@ def model_case(device, dtype, backend: str, variant: str) -> dict:
     doc = _doc_ids(2, cfg.seq_len)
 
     def grads(dev, dt, be):
-        m = copy.deepcopy(base).to(dev, dt)
-        m.cfg.attention_backend = be
+        m = Transformer(dataclasses.replace(cfg, attention_backend=be), base.aux_cfg)
+        m.load_state_dict(base.state_dict())
+        m = m.to(dev, dt)
         out = m(tokens.to(dev), doc.to(dev), targets=tokens.roll(-1, 1).to(dev))
         (out.loss + out.aux_loss).backward()
         return {n: p.grad.detach().cpu() for n, p in m.named_parameters()}, float(out.aux_loss)
@@ -186,11 +187,11 @@ def _free_bytes(device) -> float:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8e9
 
 
-def stage_cli(device, dry: bool, compile_: bool, out_dir: str) -> dict:
+def stage_cli(device, dry: bool, compile_: bool, runs_dir: str) -> dict:
     m = model_config(dry).model
     mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
     steps, log = (4, 2) if dry else (30, 5)
-    run_dir = os.path.join(out_dir, f"cli-compile-{int(compile_)}")
+    run_dir = os.path.join(runs_dir, f"cli-compile-{int(compile_)}")
     args = [sys.executable, "-m", "megasink.train", "configs/0.6b-sink.yaml", "data.path=[synthetic]",
             f"train.steps={steps}", f"train.log_interval={log}", "train.eval_interval=0", "train.save_checkpoints=false",
             "train.activation_checkpointing=false", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
@@ -293,7 +294,9 @@ def main(argv=None) -> int:
     ap.add_argument("stage", choices=["kernels", "model", "cli", "hf"])
     ap.add_argument("--compile", action="store_true", help="cli: train with train.compile=true")
     ap.add_argument("--dry-run", action="store_true", help="the logic on the CPU, tiny shapes")
-    ap.add_argument("--out", default="gpu_check", help="folder for <stage>.json (and the CLI run directories)")
+    ap.add_argument("--out", default="gpu_check", help="folder for <stage>.json")
+    ap.add_argument("--runs", default=os.path.join(tempfile.gettempdir(), "megasink-gpu-runs"),
+                    help="folder for the CLI stages' training run directories (kept out of --out)")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda":
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
     elif args.stage == "model":
         res = stage_model(device, args.dry_run, emit)
     elif args.stage == "cli":
-        res = stage_cli(device, args.dry_run, args.compile, args.out)
+        res = stage_cli(device, args.dry_run, args.compile, args.runs)
     else:
         res = stage_hf(device, args.dry_run)
     emit(res)

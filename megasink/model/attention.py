@@ -67,20 +67,21 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        # vanilla's gate changes no output: it needs a gradient only for the aux loss, and it
-        # need not be computed at all when nobody reads it (both set by the Transformer)
-        self.gate_needs_grad = True
-        self.measure_gate = True
         if self.variant == "sink":
             self.sinks = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.sink_init)))
         if self.variant == "gated":
             self.gate_bias = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_bias_init)))
 
-    def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights=None):
+    def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights=None, *, gate_grad: bool = True,
+                measure: bool = True):
         """x (B, T, d) -> (y (B, T, d), g): with token ``weights`` (B, T), g is each head's sum of
         the gate over them, (nh_local,), what importance needs; without, the gate itself,
-        (B, nh_local, T); both fp32 (fp64 for an fp64 model). None for a vanilla gate nobody
-        reads this step."""
+        (B, nh_local, T); both fp32 (fp64 for an fp64 model).
+
+        Vanilla's gate changes no output, so two arguments say what it is for: ``gate_grad``,
+        a loss will differentiate it (the aux loss); ``measure``, someone reads it. Neither:
+        it is not computed and g is None. The sink and gated gates are part of the output and
+        always come back."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.wq(x).view(B, T, -1, self.q_cols)  # (B, T, nh, hd[+1])
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
         if self.variant == "vanilla":
-            out, g = self._vanilla(q, k, v, seq, backend, weights)
+            out, g = self._vanilla(q, k, v, seq, backend, weights, gate_grad and torch.is_grad_enabled(), measure)
         else:
             out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale,
                                           lse_grad=self.variant == "sink")  # gated: lse unused
@@ -104,12 +105,11 @@ class Attention(nn.Module):
         y = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
         return self.wo(y), g
 
-    def _vanilla(self, q, k, v, seq: SeqInfo, backend: str, weights):
-        """(out, g) as forward returns them: g differentiable when the aux loss is on, measured
+    def _vanilla(self, q, k, v, seq: SeqInfo, backend: str, weights, with_grad: bool, measure: bool):
+        """(out, g) as forward returns them: g differentiable with ``with_grad``, measured
         without a graph when only read, None when nobody reads it."""
-        with_grad = torch.is_grad_enabled() and self.gate_needs_grad
         out, lse = attention_with_lse(q, k, v, backend=backend, seq=seq, scale=self.scale, lse_grad=with_grad)
-        if not (with_grad or self.measure_gate):
+        if not (with_grad or measure):
             return out, None  # not measured this step: the caller reads no importance
         with torch.set_grad_enabled(with_grad):
             gate = vanilla_gate(q, k, lse, seq, self.scale)

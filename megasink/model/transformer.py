@@ -2,10 +2,13 @@
 
     tokens (B, T) -> embedding -> [Block x n_layers] -> RMSNorm -> output -> logits (B, T, V)
 
-Each Block returns its attention gates; the model turns them into per-head gate sums
-(L, H) and a token count, from which importance and the aux loss follow (importance.py).
-Layers live in a ModuleDict keyed by their global index, so a pipeline stage that keeps
-a subset of them keeps their names (and checkpoint keys).
+Each Block returns its attention gates' per-head sums over the counted tokens; the model
+returns them, (L, H_local), with the token count. Importance and the aux loss follow from them
+in one place (importance.py): here for one device, in megasink/parallel/stats.py after the
+global reduction for a parallel run. Nothing outside the constructor steers the model: what to
+measure is an argument of ``forward``. Layers live in a ModuleDict keyed by their global index,
+and ``run_blocks`` runs any such dict, so a pipeline stage that keeps a subset of them keeps
+their names (and checkpoint keys) and runs them with this file's code.
 """
 from __future__ import annotations
 
@@ -27,11 +30,11 @@ from megasink.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 
 @dataclass
 class ModelOutput:
-    logits: Optional[torch.Tensor]  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V) (the vocabulary shard under tensor parallelism)
     loss: Optional[torch.Tensor]  # LM cross-entropy (mean over target tokens), if targets given
-    aux_loss: torch.Tensor  # coef * sum_l CV^2 of this batch's importance
-    importance: torch.Tensor  # (L, H) this batch's per-head importance
-    gate_sums: torch.Tensor  # (L, H_local) differentiable sums of gates over counted tokens
+    aux_loss: torch.Tensor  # coef * sum_l CV^2 of this batch's importance (0 without the aux loss)
+    importance: Optional[torch.Tensor]  # (L, H) this batch's per-head importance; None if not measured
+    gate_sums: Optional[torch.Tensor]  # (L, H_local) differentiable sums of gates over counted tokens
     gate_count: torch.Tensor  # () number of counted tokens
 
 
@@ -43,11 +46,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights=None):
-        """x (B, T, d) -> (x, g): g the gate sums over token ``weights`` (nh,), or with none the
-        gates (B, nh, T), in the accumulation dtype; None for unmeasured vanilla gates
-        (Attention.forward)."""
-        a, g = self.attention(self.attention_norm(x), cos, sin, seq, backend, weights)
+    def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights, gate_grad: bool, measure: bool):
+        """x (B, T, d) -> (x, g): g the gate sums over token ``weights`` (nh,) in the accumulation
+        dtype, None for an unmeasured vanilla gate (Attention.forward)."""
+        a, g = self.attention(self.attention_norm(x), cos, sin, seq, backend, weights, gate_grad=gate_grad,
+                              measure=measure)
         x = x + a
         x = x + self.feed_forward(self.ffn_norm(x))
         return x, g
@@ -59,24 +62,46 @@ def cross_entropy(logits2d: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits2d, targets, ignore_index=-100)
 
 
-def gather_heads(sums: torch.Tensor) -> torch.Tensor:
-    """Local -> global head statistics: the identity on one device (TP replaces it)."""
-    return sums
+def needs_lse_grad(variant: str, gate_grad: bool) -> bool:
+    """Will backprop go through attention's lse? Sink attention always; vanilla when its gate
+    is differentiated (the aux loss)."""
+    return torch.is_grad_enabled() and (variant == "sink" or (variant == "vanilla" and gate_grad))
+
+
+def run_blocks(blocks: nn.ModuleDict, h: torch.Tensor, seq: SeqInfo, rope: RotaryEmbedding, cfg: ModelConfig, *,
+               gate_grad: bool, measure: bool, checkpointing: bool = False):
+    """Run ``blocks`` (global index -> Block, in order) on h (B, T, d) -> (h, gate sums
+    (L_run, H_local) or None when unmeasured, count ()). The one block runner: the whole model
+    and each pipeline stage call it. ``gate_grad``: a loss differentiates the gates (the aux
+    loss); ``measure``: someone reads them (see Attention.forward)."""
+    gate_grad = gate_grad and torch.is_grad_enabled()
+    backend = resolve_backend(cfg.attention_backend, h.device, needs_lse_grad(cfg.attention, gate_grad))
+    seq.prepare(backend, h.dtype)  # the route's masks / offsets, once, before any (compiled) block
+    cos, sin = rope(seq.positions)
+    weights = imp_lib.token_weights(seq, cfg.attention)  # (B, T)
+    sums = []
+    for block in blocks.values():
+        args = (h, cos, sin, seq, backend, weights, gate_grad, measure)
+        if checkpointing and torch.is_grad_enabled():
+            h, s = checkpoint(block, *args, use_reentrant=False)
+        else:
+            h, s = block(*args)
+        sums.append(s)
+    measured = all(s is not None for s in sums)
+    return h, torch.stack(sums) if measured else None, weights.sum()
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, aux_cfg: Optional[AuxLossConfig] = None):
+    """The single-device model. ``aux_cfg`` (coef, scale_by_heads) defines ``.aux_loss`` and
+    whether vanilla gates carry a gradient; ``activation_checkpointing`` recomputes each block
+    in the backward. Both are fixed here, at construction."""
+
+    def __init__(self, cfg: ModelConfig, aux_cfg: Optional[AuxLossConfig] = None, *,
+                 activation_checkpointing: bool = False):
         super().__init__()
-        aux_cfg = aux_cfg or AuxLossConfig()
         self.cfg = cfg
-        self.aux_coef = aux_cfg.coef
-        self.scale_by_heads = aux_cfg.scale_by_heads
-        self.activation_checkpointing = False
-        # False: vanilla gates are not computed (their sums come back NaN) unless the aux loss
-        # needs them; the trainer measures only on the steps it logs
-        self.measure_importance = True
-        self.cross_entropy = cross_entropy  # vocabulary-parallel under TP
-        self.gather_heads = gather_heads  # differentiable all-gather over TP
+        self.aux_cfg = aux_cfg or AuxLossConfig()
+        self.activation_checkpointing = activation_checkpointing
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
@@ -84,8 +109,6 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # (L, H) True for shared heads (fine-tuning): excluded from the CV. Saved in checkpoints.
         self.register_buffer("shared_heads", torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool))
-        for block in self.layers.values():
-            block.attention.gate_needs_grad = self.aux_coef > 0
         self.init_weights()
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -99,59 +122,39 @@ class Transformer(nn.Module):
                 scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
                 nn.init.normal_(p, mean=0.0, std=std * scale)
 
-    def needs_lse_grad(self) -> bool:
-        """Will backprop go through attention's lse? (sink always; vanilla with the aux loss)."""
-        if not torch.is_grad_enabled():
-            return False
-        return self.cfg.attention == "sink" or (self.cfg.attention == "vanilla" and self.aux_coef > 0)
+    @property
+    def trains_gates(self) -> bool:
+        """Does the aux loss differentiate the gates (aux_loss.coef > 0)?"""
+        return self.aux_cfg.coef > 0
 
-    def backend_for(self, device: torch.device) -> str:
-        return resolve_backend(self.cfg.attention_backend, device, self.needs_lse_grad())
-
-    # The forward in three pieces so that pipeline stages can run a part of it.
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tok_embeddings(tokens)  # (B, T, d)
-
-    def run_layers(self, h: torch.Tensor, seq: SeqInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h (B, T, d) -> (h, gate_sums (L_local, H_local), count ())."""
-        backend = self.backend_for(h.device)
-        seq.prepare(backend, h.dtype)  # the route's masks / offsets, once, before any (compiled) block
-        cos, sin = self.rope(seq.positions)
-        weights = imp_lib.token_weights(seq, self.cfg.attention)  # (B, T)
-        sums = []
-        for layer in self.layers.values():
-            layer.attention.gate_needs_grad = self.aux_coef > 0  # follows aux_coef if changed later
-            layer.attention.measure_gate = self.measure_importance or self.aux_coef > 0  # the aux loss reads them
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                h, s = checkpoint(layer, h, cos, sin, seq, backend, weights, use_reentrant=False)
-            else:
-                h, s = layer(h, cos, sin, seq, backend, weights)
-            sums.append(s if s is not None else self._unmeasured(layer, h))
-        return h, torch.stack(sums), weights.sum()
-
-    def _unmeasured(self, layer, h: torch.Tensor) -> torch.Tensor:
-        """(nh_local,) NaN: the gate sums of a layer whose gates were not computed."""
-        attn = layer.attention
-        return torch.full((attn.wo.weight.shape[1] // attn.head_dim,), float("nan"), device=h.device)
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))  # (B, T, V)
-
-    def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    def run_layers(self, h: torch.Tensor, seq: SeqInfo, measure: bool = True):
+        """h (B, T, d) -> (h, gate_sums (L, H_local) or None, count ())."""
+        return run_blocks(self.layers, h, seq, self.rope, self.cfg, gate_grad=self.trains_gates, measure=measure,
+                          checkpointing=self.activation_checkpointing)
 
     def routed_mask(self) -> torch.Tensor:
         return ~self.shared_heads
 
     def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> ModelOutput:
+                targets: Optional[torch.Tensor] = None, *, measure: bool = True) -> ModelOutput:
+        """tokens (B, T) -> ModelOutput. ``measure=False``: vanilla gates are computed only where
+        the aux loss differentiates them (no importance then); sink and gated gates always are.
+        With a vocabulary-sharded output (tensor parallelism) the LM loss is the caller's
+        (megasink/parallel/stats.py), and importance needs the heads gathered first."""
         seq = SeqInfo.build(tokens, doc_ids)
-        h, sums, count = self.run_layers(self.embed(tokens), seq)
-        logits = self.head(h)
-        loss = self.lm_loss(logits, targets) if targets is not None else None
-        imp = imp_lib.importance(self.gather_heads(sums), count)
-        if self.aux_coef > 0:
-            aux = imp_lib.aux_loss(imp, self.routed_mask(), self.aux_coef, self.scale_by_heads)
+        h, sums, count = self.run_layers(self.tok_embeddings(tokens), seq, measure)  # (B, T, d)
+        logits = self.output(self.norm(h))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            if logits.shape[-1] != self.cfg.vocab_size:
+                raise ValueError(f"logits cover {logits.shape[-1]} of {self.cfg.vocab_size} vocabulary entries "
+                                 "(a tensor-parallel shard): compute the loss with megasink.parallel.stats")
+            loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
+        imp = None
+        if sums is not None and sums.shape[1] == self.cfg.n_heads:  # every head here (no TP shard)
+            imp = imp_lib.importance(sums, count)
+        if imp is not None and self.trains_gates:
+            aux = imp_lib.aux_loss(imp, self.routed_mask(), self.aux_cfg.coef, self.aux_cfg.scale_by_heads)
         else:  # a constant: no zero gradients sent back into every gate
-            aux = torch.zeros((), dtype=imp.dtype, device=imp.device)
+            aux = torch.zeros((), dtype=h.dtype if h.is_floating_point() else torch.float32, device=h.device)
         return ModelOutput(logits, loss, aux, imp, sums, count)

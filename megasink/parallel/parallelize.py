@@ -1,8 +1,11 @@
-"""Apply parallelism to a plain single-device model, in a fixed order (torchtitan style):
-tensor parallelism, then torch.compile of each block (train.compile), then the pipeline split
-(parallel/pipeline.py). Activation checkpointing wraps each (compiled) block in
-``Transformer.run_layers``. Data parallelism and ZeRO come from DeepSpeed."""
+"""Apply parallelism to a plain single-device model, in one place and a fixed order
+(torchtitan style): tensor parallelism, torch.compile of each block (train.compile), the
+pipeline split, then the DeepSpeed engine (data parallelism, ZeRO, the optimizer and its
+schedule). Activation checkpointing is the model's own constructor argument."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -10,14 +13,41 @@ from megasink.config import Config
 from megasink.parallel.dims import ParallelDims
 
 
-def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims) -> torch.nn.Module:
+@dataclass
+class ParallelModel:
+    """What the trainer drives: the engine over this rank's part of the model."""
+
+    engine: Any  # DeepSpeedEngine, or PipelineEngine with pipeline stages
+    optimizer: Any
+    scheduler: Any
+    shared_heads: torch.Tensor  # (L, H) bool, the model's buffer (all layers, whatever the stage)
+    layers: range  # the global indices of the layers this rank runs
+    stage: Optional[Any] = None  # pipeline.StageContext with pipeline stages, else None
+
+    @property
+    def is_pipeline(self) -> bool:
+        return self.stage is not None
+
+
+def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims) -> ParallelModel:
+    """TP -> compile -> pipeline split -> DeepSpeed engine, for this rank."""
+    from megasink.parallel.engine import build_engine
+    from megasink.train.schedule import lr_multiplier
+
     if dims.tp > 1:
         from megasink.parallel.tensor import apply_tensor_parallel
 
         model = apply_tensor_parallel(model, dims)
     if cfg.train.compile:  # config validation allows it with tp = pp = 1 only
         apply_compile(model, cfg.train.compile_backend)
-    return model  # pipeline stages are cut by megasink.parallel.pipeline.build_pipeline_module
+    stage, module, layers = None, model, range(cfg.model.n_layers)
+    if dims.pp > 1:
+        from megasink.parallel.pipeline import build_pipeline_module
+
+        module, stage = build_pipeline_module(model, cfg, dims)
+        layers = stage.layers
+    engine, optimizer, scheduler = build_engine(module, cfg, dims, lr_multiplier(cfg.train))
+    return ParallelModel(engine, optimizer, scheduler, model.shared_heads, layers, stage)
 
 
 def apply_compile(model: torch.nn.Module, backend: str = "inductor") -> None:

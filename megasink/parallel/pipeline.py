@@ -12,13 +12,13 @@ inside each wrapper equal the Transformer's, so "<pipe index>.<name>" maps back 
 Transformer state_dict key by dropping the first component (``canonical_name``).
 
 The aux loss across stages: a stage's layers know their own global importance (made global
-over TP and DP by ``stats.globalize``), so each layer attaches d(L_aux)/d(gate sums) to its
-activations with ``AuxInject``, an identity whose backward adds that gradient to the gate
-sums. No scalar travels between stages; the gradient equals the single-device one
-(docs/design.md, "The distributed aux-gradient invariant").
-With ``aux_loss.accumulation: global`` (required here) the global importance of the step is
-measured first by a no-grad pipelined pass (``eval_batch``), which also screens for
-non-finite losses before any backward.
+over TP and DP by ``stats.globalize``), so each layer hands d(L_aux)/d(gate sums) to its gate
+sums through ``stats.AuxGrad`` on its activations, as the one-stage trainer does on its loss.
+No scalar travels between stages; the gradient equals the single-device one (docs/design.md,
+"The distributed aux-gradient invariant"). With ``aux_loss.accumulation: global`` (required
+here) the global importance of the step is measured first by a no-grad pipelined pass
+(``eval_batch``), which also screens for non-finite losses before any backward. Each block
+runs through the model's own block runner (``transformer.run_blocks``).
 """
 from __future__ import annotations
 
@@ -27,45 +27,38 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megasink.config import Config
-from megasink.model import importance as imp_lib
-from megasink.model.kernels import SeqInfo, resolve_backend
-from megasink.model.layers import RotaryEmbedding
+from megasink.model.kernels import SeqInfo
+from megasink.model.transformer import run_blocks
+from megasink.parallel import stats
 from megasink.parallel.dims import ParallelDims
-
-
-class AuxInject(torch.autograd.Function):
-    """Identity on h; in the backward, gate sums receive `grad` (the aux-loss gradient)."""
-
-    @staticmethod
-    def forward(ctx, h, sums, grad):
-        ctx.save_for_backward(grad)
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return g, grad, None
 
 
 @dataclass
 class StageContext:
     """Shared by a stage's pipe layers: what to do with gate statistics this pass."""
 
+    dims: ParallelDims
+    layers: range  # this stage's layers (global indices)
     mode: str = "off"  # off | collect | inject
-    sums: dict = field(default_factory=dict)  # layer -> (H_local,) accumulated (collect)
+    sums: dict = field(default_factory=dict)  # layer -> (1, H_local) accumulated (collect)
     count: Optional[torch.Tensor] = None
-    grad: dict = field(default_factory=dict)  # layer -> (H_local,) dL/dS * scale (inject)
+    grad: Optional[torch.Tensor] = None  # (L_stage, H) dL_aux/dS, global heads (inject)
+    scale: float = 1.0  # stats.loss_scales(...).injected_grad (inject)
 
     def reset(self) -> None:
         self.sums, self.count = {}, None
 
-    def record(self, layer: int, sums: torch.Tensor, count: torch.Tensor, first_layer: bool) -> None:
+    def record(self, layer: int, sums: torch.Tensor, count: torch.Tensor) -> None:
         self.sums[layer] = self.sums[layer] + sums.detach() if layer in self.sums else sums.detach().clone()
-        if first_layer:
+        if layer == self.layers.start:
             self.count = count.detach().clone() if self.count is None else self.count + count.detach()
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's global (L_stage, H) gate sums and token count (collective over TP and DP)."""
+        sums = torch.cat([self.sums[i] for i in self.layers])  # (L_stage, H_local)
+        return stats.globalize(sums, self.count, self.dims)
 
 
 class EmbedPipe(nn.Module):
@@ -79,31 +72,24 @@ class EmbedPipe(nn.Module):
 
 
 class BlockPipe(nn.Module):
-    def __init__(self, model, index: int, ctx: StageContext, first_of_stage: bool):
+    def __init__(self, model, index: int, ctx: StageContext):
         super().__init__()
-        self.index, self.ctx, self.first = index, ctx, first_of_stage
+        self.index, self.ctx, self.cfg = index, ctx, model.cfg
         self.layers = nn.ModuleDict({str(index): model.layers[str(index)]})  # keeps the name layers.<i>.*
-        self.rope = RotaryEmbedding(model.cfg.head_dim, model.cfg.rope_theta)
-        self.variant, self.backend_name = model.cfg.attention, model.cfg.attention_backend
-        self.lse_grad = model.cfg.attention == "sink" or (model.cfg.attention == "vanilla" and model.aux_coef > 0)
-        self.checkpointing = model.activation_checkpointing
+        self.rope = model.rope  # no parameters, no persistent buffers
+        self.gate_grad, self.checkpointing = model.trains_gates, model.activation_checkpointing
 
     def forward(self, inputs):
         h, doc_ids = inputs
         seq = SeqInfo.build(doc_ids, doc_ids)
-        cos, sin = self.rope(seq.positions)
-        backend = resolve_backend(self.backend_name, h.device, torch.is_grad_enabled() and self.lse_grad)
-        seq.prepare(backend, h.dtype)
-        block = self.layers[str(self.index)]
-        weights = imp_lib.token_weights(seq, self.variant)
-        if self.checkpointing and torch.is_grad_enabled():
-            h, sums = checkpoint(block, h, cos, sin, seq, backend, weights, use_reentrant=False)
-        else:
-            h, sums = block(h, cos, sin, seq, backend, weights)  # sums (H_local,)
-        if self.ctx.mode in ("collect", "inject"):
-            self.ctx.record(self.index, sums, weights.sum(), self.first)
+        measure = self.ctx.mode != "off"
+        h, sums, count = run_blocks(self.layers, h, seq, self.rope, self.cfg, gate_grad=self.gate_grad,
+                                    measure=measure, checkpointing=self.checkpointing)  # sums (1, H_local)
+        if measure:
+            self.ctx.record(self.index, sums, count)
         if self.ctx.mode == "inject" and torch.is_grad_enabled():
-            h = AuxInject.apply(h, sums, self.ctx.grad[self.index].to(sums.dtype))
+            k = self.index - self.ctx.layers.start
+            h = stats.attach_aux_grad(h, sums, self.ctx.grad[k:k + 1], self.ctx.dims, self.ctx.scale)
         return h, doc_ids
 
 
@@ -158,19 +144,19 @@ def stage_layers(n_layers: int, dims: ParallelDims) -> range:
 
 
 def build_pipeline_module(model, cfg: Config, dims: ParallelDims):
-    """(PipelineModule, StageContext) for this rank's stage; blocks balanced over stages."""
+    """(PipelineModule, StageContext) for this rank's stage; blocks balanced over stages. The
+    loss function takes labels ``(targets, weight)``: the micro-batch's cross-entropy sum times
+    its weight (stats.loss_scales(...).loss_term / the step's global target count)."""
     from megasink.parallel.engine import import_deepspeed
+    from megasink.parallel.tensor import cross_entropy_sum
 
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # adopts the torch group
-    from deepspeed.pipe import PipelineModule
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from deepspeed.pipe import TiedLayerSpec
-
-    ctx = StageContext()
-    mine = stage_layers(cfg.model.n_layers, dims)
-    blocks = [BlockPipe(model, i, ctx, first_of_stage=(i == mine.start)) for i in range(cfg.model.n_layers)]
+    ctx = StageContext(dims, stage_layers(cfg.model.n_layers, dims))
+    blocks = [BlockPipe(model, i, ctx) for i in range(cfg.model.n_layers)]
     if cfg.model.tie_embeddings:
         tied = dict(tied_weight_attr=["embedding.weight"])
         layers = [TiedLayerSpec("vocab", TiedVocab, model.tok_embeddings, forward_fn=_tied_embed, **tied), *blocks,
@@ -178,10 +164,10 @@ def build_pipeline_module(model, cfg: Config, dims: ParallelDims):
                   TiedLayerSpec("vocab", TiedVocab, model.tok_embeddings, forward_fn=_tied_head, **tied)]
     else:
         layers = [EmbedPipe(model), *blocks, HeadPipe(model)]
-    cross_entropy = model.cross_entropy
 
-    def loss_fn(logits, targets):
-        return cross_entropy(logits.flatten(0, 1), targets.flatten())
+    def loss_fn(logits, labels):
+        targets, weight = labels
+        return cross_entropy_sum(logits, targets, dims) * weight
 
     topo = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
     pipe = PipelineModule(layers=layers, topology=topo, loss_fn=loss_fn, partition_method="type:BlockPipe")

@@ -11,9 +11,9 @@ live on the rank that owns their heads.
 Every sharded parameter carries ``tp_shard_dim`` (and DeepSpeed's ``tensor_model_parallel``)
 so checkpoints can be regathered and resliced (megasink/train/state.py).
 
-Per-head statistics: ``GatherHeads`` is the one differentiable all-gather of gate sums over
-the TP group; its backward keeps only this rank's slice, so the gradient of a loss computed
-identically on every TP rank reaches each head once, on its owner.
+Per-head statistics stay per rank (each rank's gate sums cover its own heads); the one gather
+over the TP group is ``stats.globalize``, and the aux gradient comes back to each head's owner
+through ``stats.AuxGrad``. The LM loss of vocabulary-sharded logits is ``cross_entropy_sum``.
 """
 from __future__ import annotations
 
@@ -54,21 +54,6 @@ class ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g, None
-
-
-class GatherHeads(torch.autograd.Function):
-    """(L, H_local) -> (L, H) all-gathered over TP; backward keeps this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, x, group, rank, size):
-        ctx.rank, ctx.n = rank, x.shape[1]
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous(), group=group)  # size x (L, H_local)
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g[:, ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].contiguous(), None, None, None
 
 
 # --------------------------------------------------------------------------- layers
@@ -196,24 +181,15 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
-class VocabParallelLoss(nn.Module):
-    def __init__(self, dims: ParallelDims, v_local: int):
-        super().__init__()
-        self.group, self.start = dims.group("tp"), dims.tp_rank * v_local
-
-    def forward(self, logits2d, targets):
-        per_token = VocabParallelCrossEntropy.apply(logits2d, targets, self.group, self.start)
-        n = (targets != -100).sum().clamp_min(1)
-        return per_token.sum() / n
-
-
-class HeadGather(nn.Module):
-    def __init__(self, dims: ParallelDims):
-        super().__init__()
-        self.group, self.rank, self.size = dims.group("tp"), dims.tp_rank, dims.tp
-
-    def forward(self, sums):
-        return GatherHeads.apply(sums, self.group, self.rank, self.size)
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """logits (B, T, V_local), targets (B, T) -> () sum of the LM cross-entropy over targets !=
+    -100, in fp32 (fp64 stays fp64): vocabulary-parallel under TP (no rank holds every logit)."""
+    logits2d, targets = logits.flatten(0, 1), targets.flatten()
+    if dims.tp == 1:
+        acc = torch.promote_types(logits2d.dtype, torch.float32)
+        return F.cross_entropy(logits2d.to(acc), targets, ignore_index=-100, reduction="sum")
+    start = dims.tp_rank * logits2d.shape[1]
+    return VocabParallelCrossEntropy.apply(logits2d, targets, dims.group("tp"), start).sum()
 
 
 # --------------------------------------------------------------------------- apply
@@ -253,6 +229,4 @@ def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
         model.output.weight = model.tok_embeddings.weight  # the same vocabulary shard
     else:
         model.output = ColumnParallelLinear(model.output, dims)
-    model.cross_entropy = VocabParallelLoss(dims, cfg.vocab_size // dims.tp)
-    model.gather_heads = HeadGather(dims)
     return model

@@ -51,10 +51,11 @@ def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
     """Fine-tuning: mark the shared heads (excluded from the CV) before training starts."""
     from megasink.data import to_device
     from megasink.model import importance as imp_lib
+    from megasink.shared_heads import shared_mask_from_file
 
     m = cfg.aux_loss.shared_heads
     if isinstance(m, str) and m:
-        model.shared_heads.copy_(imp_lib.shared_mask_from_file(m, cfg.model.n_layers, cfg.model.n_heads))
+        model.shared_heads.copy_(shared_mask_from_file(m, cfg.model.n_layers, cfg.model.n_heads))
     elif isinstance(m, int) and m > 0:
         from megasink.data import build_loader
 
@@ -100,28 +101,33 @@ def build_everything(cfg: Config, dims, resume_dir=None):
     from megasink.data import build_dataset, build_loader
     from megasink.model.transformer import Transformer
     from megasink.parallel.parallelize import parallelize
+    from megasink.train.pipeline_trainer import PipelineTrainer
     from megasink.train.trainer import Trainer
 
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model, cfg.aux_loss)  # same weights on every rank: sliced by parallelize
+    # same weights on every rank: sliced by parallelize
+    model = Transformer(cfg.model, cfg.aux_loss, activation_checkpointing=cfg.train.activation_checkpointing)
     model.to(dims.device)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
     m = cfg.model
     train_ds = build_dataset(cfg.data, m.seq_len, m.vocab_size, cfg.train.seed, split="train")
     if resume_dir is None:
         if cfg.train.init_from:
             load_initial_weights(model, cfg)
         setup_shared_heads(model, cfg, dims, train_ds)
-    model = parallelize(model, cfg, dims)
+    pm = parallelize(model, cfg, dims)
     loader = build_loader(train_ds, cfg.train.micro_batch_size, dims.dp_rank, dims.dp, cfg.train.seed)
-    valid_ds = _validation_set(cfg)
-    if dims.pp > 1:
-        from megasink.parallel.pipeline import build_pipeline_module
-        from megasink.train.pipeline_trainer import PipelineTrainer
+    trainer_class = PipelineTrainer if pm.is_pipeline else Trainer
+    return trainer_class(cfg, dims, pm, loader, _validation_set(cfg), evals=_background_evals(cfg, dims))
 
-        pipe, ctx = build_pipeline_module(model, cfg, dims)
-        return PipelineTrainer(cfg, dims, pipe, ctx, model.shared_heads, loader, valid_ds)
-    return Trainer(cfg, dims, model, loader, valid_ds)
+
+def _background_evals(cfg: Config, dims):
+    """Rank 0's maker of background ``megasink eval`` runs of the eval_interval checkpoints
+    (train.lm_eval_tasks): called by the trainer with its log function; None elsewhere."""
+    if not cfg.train.lm_eval_tasks or dims.rank != 0:
+        return None
+    from megasink.eval.background import BackgroundEvals
+
+    return lambda log: BackgroundEvals(Path(cfg.run_dir), cfg.train.lm_eval_tasks, cfg.train.lm_eval_args, log)
 
 
 def _validation_set(cfg: Config):

@@ -1,72 +1,66 @@
 """The training step under pipeline parallelism (DeepSpeed PipelineEngine, 1F1B).
 
 Per optimizer step, with the aux loss on: (1) a no-grad pipelined pass over the step's
-micro-batches collects each stage's gate sums and screens the loss for non-finite values; (2) each stage makes its
-layers' statistics global (DP sum, TP gather), computes d(L_aux)/d(gate sums) for its layers
-and arms its pipe layers to inject it, times dp (docs/design.md, "The distributed aux-gradient
-invariant"); (3) ``train_batch`` runs the 1F1B schedule. The
-logged aux loss is the sum of the stages' shares (all-reduced over the pipeline group) and
-the logged importance/CV cover every layer (gathered over stages).
+micro-batches collects each stage's gate sums and screens the loss for non-finite values;
+(2) each stage makes its layers' statistics global (DP sum, TP gather), computes
+d(L_aux)/d(gate sums) for its layers and arms its blocks to hand it to their gate sums through
+``stats.AuxGrad`` (the same path and scale as the one-stage trainer, docs/design.md, "The
+distributed aux-gradient invariant"); (3) ``train_batch`` runs the 1F1B schedule. Labels carry
+each micro-batch's loss weight, so the LM loss is the mean over the global batch's target
+tokens as in the one-stage trainer. The logged aux loss is the sum of the stages' shares
+(all-reduced over the pipeline group) and the logged importance/CV cover every layer
+(gathered over stages).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 
 from megasink.model import importance as imp_lib
 from megasink.parallel import stats
-from megasink.parallel.pipeline import stage_layers
 from megasink.train.trainer import StepResult, Trainer
 
 
 class PipelineTrainer(Trainer):
-    def __init__(self, cfg, dims, pipe_module, stage_ctx, full_shared_heads, train_loader, valid_ds=None):
-        self.ctx = stage_ctx
-        self.shared_heads_full = full_shared_heads  # (L, H) bool
-        super().__init__(cfg, dims, pipe_module, train_loader, valid_ds)
-        self.layers = stage_layers(cfg.model.n_layers, dims)
+    def _items(self, batches, weight: torch.Tensor):
+        """DeepSpeed's micro-batch iterator: ((tokens, doc_ids), (targets, loss weight))."""
+        w = weight.to(torch.float32).reshape(1)
+        return iter([((b["tokens"], b["doc_ids"]), (b["targets"], w)) for b in batches])
 
-    def _shared_heads_full(self) -> torch.Tensor:
-        return self.shared_heads_full
-
-    def _routed(self) -> torch.Tensor:
-        return ~self.shared_heads_full[self.layers.start:self.layers.stop]  # this stage's layers
-
-    def _items(self, batches):
-        return iter([((b["tokens"], b["doc_ids"]), b["targets"]) for b in batches])
-
-    def _stage_statistics(self):
-        layers = list(self.layers)
-        sums = torch.stack([self.ctx.sums[i] for i in layers])  # (L_stage, H_local)
-        return stats.globalize(sums, self.ctx.count, self.dims)
-
-    def train_step(self, batches) -> StepResult:
-        self.ctx.reset()
-        if self.cfg.aux_loss.coef > 0:
-            self.ctx.mode = "collect"  # the no-grad statistics pass: global importance first
-            pre_loss = self.engine.eval_batch(self._items(batches), num_micro_batches=len(batches))
+    def train_step(self, batches, measure: bool = True) -> StepResult:
+        ctx, coef = self.pm.stage, self.cfg.aux_loss.coef
+        ctx.reset()
+        weight = self.scales.loss_term / stats.global_target_count(batches, self.dims)
+        if coef > 0:
+            ctx.mode = "collect"  # the no-grad statistics pass: global importance first
+            pre_loss = self.engine.eval_batch(self._items(batches, weight), num_micro_batches=len(batches))
             self.engine.train()
-            g_sums, g_count = self._stage_statistics()
-            aux_stage, grad = self._aux(g_sums, g_count)
-            if not bool(torch.isfinite(torch.as_tensor(pre_loss)).all()):
+            g_sums, g_count = ctx.statistics()
+            aux_stage, ctx.grad = self._aux(g_sums, g_count)
+            if not math.isfinite(float(pre_loss)):
+                ctx.mode = "off"
                 return StepResult(float(pre_loss), float("nan"), imp_lib.importance(g_sums, g_count), False, None, True)
-            local = stats.local_heads(grad, self.dims) * self.dims.dp  # DP averages gradients
-            self.ctx.grad = {i: local[k] for k, i in enumerate(self.layers)}
-            self.ctx.mode = "inject"
+            ctx.mode, ctx.scale = "inject", self.scales.injected_grad
         else:
-            self.ctx.mode = "collect"  # no aux gradient: statistics for logging come with the step
+            ctx.mode = "collect" if measure else "off"  # no aux gradient: statistics for logging only
         skipped_before = self.engine.skipped_steps
-        loss = self.engine.train_batch(self._items(batches))
-        self.ctx.mode = "off"
-        if self.cfg.aux_loss.coef == 0:
-            g_sums, g_count = self._stage_statistics()
-            aux_stage = torch.zeros(())
-        aux_total = aux_stage.clone().reshape(1)
+        loss = self.engine.train_batch(self._items(batches, weight))
+        mode, ctx.mode = ctx.mode, "off"
+        imp = None
+        if coef == 0:
+            aux_stage = torch.zeros((), device=self.dims.device)
+            if mode == "collect":
+                g_sums, g_count = ctx.statistics()
+        if coef > 0 or mode == "collect":
+            imp = imp_lib.importance(g_sums, g_count)
+        aux_total = aux_stage.detach().clone().reshape(1)
         dist.all_reduce(aux_total, group=self.dims.group("pp"))  # every stage's layers' share
         grad_norm = self.engine.get_global_grad_norm()
-        finite = bool(torch.isfinite(torch.as_tensor(loss)).all())
+        finite = math.isfinite(float(loss))
         skipped = self.engine.skipped_steps > skipped_before or not finite
-        return StepResult(float(loss), float(aux_total), imp_lib.importance(g_sums, g_count), not skipped,
+        return StepResult(float(loss), float(aux_total), imp, not skipped,
                           None if grad_norm is None else float(grad_norm), skipped)
 
     @torch.no_grad()
@@ -74,7 +68,10 @@ class PipelineTrainer(Trainer):
         if self.valid_ds is None:
             return {}
         batches = self._valid_batches()
-        self.ctx.mode = "off"
-        val_loss = float(self.engine.eval_batch(self._items(batches), num_micro_batches=len(batches)))
+        # eval_batch averages over its micro-batches and the dp ranks: weight each micro-batch's
+        # sum by (micro-batches * dp) / the global target count for the token mean
+        weight = len(batches) * self.dims.dp / stats.global_target_count(batches, self.dims)
+        self.pm.stage.mode = "off"
+        val_loss = float(self.engine.eval_batch(self._items(batches, weight), num_micro_batches=len(batches)))
         self.engine.train()
         return self._eval_record(val_loss)

@@ -1,12 +1,14 @@
 """The training loop: LM loss + sink-aware aux loss on DeepSpeed, any tp x dp layout.
 
 One optimizer step = ``A`` micro-batches per data-parallel rank (A = gradient accumulation).
-The aux loss is computed from *global* importance (summed over DP ranks and micro-batches,
-gathered over TP heads) and reaches each rank's gates through a surrogate term whose
-gradient is exactly d(L_aux)/d(local gate sums) (megasink/parallel/stats.py; the rule and
-its scale A * dp are in docs/design.md, "The distributed aux-gradient invariant"). With A > 1
-and ``aux_loss.accumulation: global`` the global importance is known before the backward
-passes thanks to one no-grad statistics pass over the step's micro-batches.
+The LM loss is the mean cross-entropy over the step's global batch: each micro-batch adds its
+cross-entropy *sum* times ``loss_term / N`` (N the global number of target tokens). The aux
+loss is computed from *global* importance (summed over DP ranks and micro-batches, gathered
+over TP heads), and its gradient reaches each rank's own gate sums through ``stats.AuxGrad``
+on the micro-batch's loss. The factors are stated once, in ``stats.loss_scales`` (docs/design.md,
+"The distributed aux-gradient invariant"). With A > 1 and ``aux_loss.accumulation: global`` the
+global importance is known before the backward passes thanks to one no-grad statistics pass
+over the step's micro-batches.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from megasink.data import to_device
 from megasink.model import importance as imp_lib
 from megasink.parallel import stats
 from megasink.parallel.dims import ParallelDims
-from megasink.parallel.engine import build_engine
+from megasink.parallel.parallelize import ParallelModel
+from megasink.parallel.tensor import cross_entropy_sum
 from megasink.train import state as train_state
 from megasink.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from megasink.train.schedule import lr_multiplier
@@ -41,10 +44,20 @@ class TrainingError(RuntimeError):
 class StepResult:
     loss: float
     aux_loss: float
-    importance: torch.Tensor  # (L, H) global
+    importance: Optional[torch.Tensor]  # (L_stage, H) global; None when not measured
     finite: bool
     grad_norm: Optional[float] = None
     skipped: bool = False
+
+
+@dataclass
+class _Statistics:
+    """A step's global gate statistics as they are known: (L, H) sums, count, aux loss, and with
+    accumulation global its gradient dL_aux/dS, known before the first micro-batch."""
+    aux: torch.Tensor
+    sums: Optional[torch.Tensor] = None
+    count: Optional[torch.Tensor] = None
+    grad: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -57,13 +70,19 @@ class Counters:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims, model: torch.nn.Module, train_loader, valid_ds=None):
+    """Drives a ``ParallelModel`` (megasink/parallel/parallelize.py). ``evals``: on rank 0 with
+    ``train.lm_eval_tasks``, a callable that takes the trainer's log function and returns the
+    background evaluator of saved checkpoints: an object with ``poll()``, ``start(step,
+    checkpoint)``, ``in_use()`` (checkpoint names pruning must keep) and ``close()``."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, pm: ParallelModel, train_loader, valid_ds=None, evals=None):
         self.cfg, self.dims = cfg, dims
         self.rank = dist.get_rank()
         self.run_dir = Path(cfg.run_dir)
-        self.model = model
+        self.pm = pm
+        self.engine, self.optimizer, self.scheduler = pm.engine, pm.optimizer, pm.scheduler
         self.accum = dims.grad_accum_steps(cfg)
-        self.engine, self.optimizer, self.scheduler = build_engine(model, cfg, dims, lr_multiplier(cfg.train))
+        self.scales = stats.loss_scales(dims, self.accum)
         self.loader = train_loader
         self.valid_ds = valid_ds
         self.counters = Counters()
@@ -73,86 +92,92 @@ class Trainer:
         self._preempt = False
         self._bar = None
         self.last_metrics: dict = {}
-        self.lm_evals = None  # rank 0's background `megasink eval` processes (train.lm_eval_tasks)
-        if cfg.train.lm_eval_tasks and self.rank == 0:
-            from megasink.eval.background import BackgroundEvals
-
-            self.lm_evals = BackgroundEvals(self.run_dir, cfg.train.lm_eval_tasks, cfg.train.lm_eval_args,
-                                            self._log_main)
+        self.lm_evals = evals(self._log_main) if evals is not None else None
 
     # ------------------------------------------------------------------ statistics
-    def _shared_heads_full(self) -> torch.Tensor:
-        """(L, H) bool, the same tensor the model uses (updated in place on resume)."""
-        return self.model.shared_heads
-
     def _routed(self) -> torch.Tensor:
-        return self.model.routed_mask()
+        """(L_stage, H) bool: the routed heads of this rank's layers (shared_heads is updated in place on resume)."""
+        return ~self.pm.shared_heads[self.pm.layers.start:self.pm.layers.stop]
 
     def _aux(self, sums: torch.Tensor, count: torch.Tensor):
         a = self.cfg.aux_loss
         return imp_lib.aux_loss_and_grad(sums, count, self._routed(), a.coef, a.scale_by_heads)
 
     @torch.no_grad()
-    def _statistics_pass(self, batches) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Global (L, H) gate sums and count over all micro-batches, plus each LM loss."""
-        sums, count, losses = None, None, []
+    def _statistics_pass(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global (L, H) gate sums and count over all micro-batches of the step."""
+        sums, count = 0.0, 0.0
         for b in batches:
-            out = self.engine(b["tokens"], b["doc_ids"], targets=b["targets"])
-            losses.append(out.loss)
-            sums = out.gate_sums if sums is None else sums + out.gate_sums
-            count = out.gate_count if count is None else count + out.gate_count
-        g_sums, g_count = stats.globalize(sums, count, self.dims)
-        return g_sums, g_count, losses
-
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.tensor([1.0 if bool(torch.isfinite(value).all()) else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+            out = self.engine(b["tokens"], b["doc_ids"])
+            sums, count = sums + out.gate_sums, count + out.gate_count
+        return stats.globalize(sums, count, self.dims)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, batches) -> StepResult:
-        A, dp, coef = len(batches), self.dims.dp, self.cfg.aux_loss.coef
-        exact_global = A > 1 and self.cfg.aux_loss.accumulation == "global" and coef > 0
-        grad_full = aux_value = g_sums = g_count = grad_norm = None
-        if exact_global:
-            g_sums, g_count, _ = self._statistics_pass(batches)
-            aux_value, grad_full = self._aux(g_sums, g_count)
-        lm_total, aux_total, sum_acc, cnt_acc, finite = 0.0, 0.0, 0.0, 0.0, True
+    def train_step(self, batches, measure: bool = True) -> StepResult:
+        """One optimizer step over this rank's micro-batches. ``measure``: report importance (the
+        aux loss measures it anyway). One host synchronisation of its own, before the optimizer
+        step: the loss, aux loss and (ZeRO-0) gradient norm come to the host together."""
+        A = len(batches)
+        acc = _Statistics(aux=torch.zeros((), device=self.dims.device))
+        if A > 1 and self.cfg.aux_loss.accumulation == "global" and self.cfg.aux_loss.coef > 0:
+            acc.sums, acc.count = self._statistics_pass(batches)  # exact global importance first
+            acc.aux, acc.grad = self._aux(acc.sums, acc.count)
+        n_targets = stats.global_target_count(batches, self.dims)
+        weight = self.scales.loss_term / n_targets  # each micro-batch's cross-entropy sum times this
+        lm_sum = 0.0
         for i, b in enumerate(batches):
             self.engine.set_gradient_accumulation_boundary(i == A - 1)
-            out = self.engine(b["tokens"], b["doc_ids"], targets=b["targets"])
-            finite = finite and self._all_finite(out.loss.detach())
-            loss = out.loss
-            if exact_global:
-                loss = loss + stats.surrogate(out.gate_sums, grad_full, self.dims, scale=A * dp)
-            else:
-                s, c = stats.globalize(out.gate_sums, out.gate_count, self.dims)
-                sum_acc, cnt_acc = sum_acc + s, cnt_acc + c
-                if coef > 0:
-                    val, g = self._aux(s, c)
-                    aux_total += val.item() / A
-                    loss = loss + stats.surrogate(out.gate_sums, g, self.dims, scale=dp)
-            lm_total += self._global_mean(out.loss.detach()) / A
-            self.engine.backward(loss)
-            if i == A - 1 and not finite and self.engine.zero_optimization_stage() == 0:
-                self.engine.zero_grad()  # ZeRO-0 has no overflow check: drop the update ourselves
-                return self._skipped(lm_total, g_sums, g_count, sum_acc, cnt_acc)
-            skipped_before = self.engine.skipped_steps
-            if i == A - 1 and self.engine.zero_optimization_stage() == 0:
-                grad_norm = self._grad_norm_zero0()  # DeepSpeed does not report it without ZeRO
+            out = self.engine(b["tokens"], b["doc_ids"], measure=measure)
+            ce = cross_entropy_sum(out.logits, b["targets"], self.dims)
+            lm_sum = lm_sum + ce.detach()
+            self.engine.backward(self._with_aux_grad(ce * weight, out, acc, A, measure))
+            if i == A - 1:
+                zero0 = self.engine.zero_optimization_stage() == 0
+                loss, aux, grad_norm = self._step_values(lm_sum, n_targets, acc.aux, zero0)
+                finite = math.isfinite(loss)  # the same value on every rank
+                if not finite and zero0:
+                    self.engine.zero_grad()  # ZeRO-0 has no overflow check: drop the update ourselves
+                    return StepResult(loss, float("nan"), None, False, None, True)
+                skipped_before = self.engine.skipped_steps
             self.engine.step()
-        if not exact_global:
-            g_sums, g_count = sum_acc, cnt_acc
-            aux_value = torch.tensor(aux_total) if coef > 0 else torch.tensor(0.0)
-        imp = imp_lib.importance(g_sums, g_count)
-        if self.engine.zero_optimization_stage() > 0:
+        imp = imp_lib.importance(acc.sums, acc.count) if acc.sums is not None else None
+        if not zero0:
             grad_norm = self.engine.get_global_grad_norm()
         skipped = self.engine.skipped_steps > skipped_before or not finite
-        return StepResult(lm_total, float(aux_value), imp, finite and not skipped,
-                          None if grad_norm is None else float(grad_norm), skipped)
+        return StepResult(loss, aux, imp, finite and not skipped, None if grad_norm is None else float(grad_norm),
+                          skipped)
 
-    def _grad_norm_zero0(self) -> float:
-        """Global L2 norm of the (data-parallel averaged) gradients, before clipping; each
+    def _with_aux_grad(self, loss: torch.Tensor, out, acc: "_Statistics", A: int, measure: bool) -> torch.Tensor:
+        """The micro-batch's loss with the aux gradient attached to its gate sums (stats.AuxGrad),
+        from the step's global statistics (``acc.grad``, known before the step), or else from this
+        micro-batch's own global statistics (accumulation micro, or A = 1: the aux loss is then the
+        mean of the micro-batches' aux losses). Accumulates the statistics it makes global."""
+        if acc.grad is not None:
+            return stats.attach_aux_grad(loss, out.gate_sums, acc.grad, self.dims, self.scales.injected_grad)
+        coef = self.cfg.aux_loss.coef
+        if not (coef > 0 or measure):
+            return loss  # nothing reads importance this step: no collective
+        s, c = stats.globalize(out.gate_sums, out.gate_count, self.dims)
+        acc.sums = s if acc.sums is None else acc.sums + s
+        acc.count = c if acc.count is None else acc.count + c
+        if coef == 0:
+            return loss
+        value, grad = self._aux(s, c)
+        acc.aux = acc.aux + value / A
+        return stats.attach_aux_grad(loss, out.gate_sums, grad, self.dims, self.scales.injected_grad / A)
+
+    def _step_values(self, lm_sum, n_targets: torch.Tensor, aux: torch.Tensor, zero0: bool):
+        """(LM loss: the mean over the global batch's target tokens, aux loss, gradient norm before
+        clipping (ZeRO-0 only; DeepSpeed reports it otherwise)), brought to the host in one sync."""
+        lm = torch.as_tensor(lm_sum, device=self.dims.device).detach().to(torch.float64).reshape(1).clone()
+        if self.dims.dp > 1:
+            dist.all_reduce(lm, group=self.dims.group("dp"))
+        norm = self._grad_norm_zero0() if zero0 else torch.full((), float("nan"), device=self.dims.device)
+        loss, aux_value, grad_norm = torch.stack([lm[0] / n_targets, aux.double(), norm.double()]).tolist()
+        return loss, aux_value, grad_norm if zero0 else None
+
+    def _grad_norm_zero0(self) -> torch.Tensor:
+        """() global L2 norm of the (data-parallel averaged) gradients, before clipping; each
         tensor-parallel shard counted once, replicated parameters once (on tp rank 0)."""
         sq = torch.zeros(1, device=self.dims.device)
         for p in self.engine.module.parameters():
@@ -160,18 +185,14 @@ class Trainer:
                 sq += p.grad.detach().float().pow(2).sum()
         if self.dims.tp * self.dims.pp > 1:
             dist.all_reduce(sq, group=self.dims.group("mp"))
-        return float(sq.sqrt())
+        return sq[0].sqrt()
 
-    def _skipped(self, lm_total, g_sums, g_count, sum_acc, cnt_acc) -> StepResult:
-        sums, count = (g_sums, g_count) if g_sums is not None else (sum_acc, cnt_acc)
-        return StepResult(lm_total, float("nan"), imp_lib.importance(sums, count), False, None, True)
-
-    def _global_mean(self, value: torch.Tensor) -> float:
-        """Mean of a per-rank scalar over the data-parallel group."""
-        v = value.detach().float().reshape(1).clone()
+    def _global_mean(self, local_sum, count: torch.Tensor) -> float:
+        """(sum over the data-parallel group of a per-rank sum) / count: one host sync."""
+        v = torch.as_tensor(local_sum, device=self.dims.device).detach().to(torch.float64).reshape(1).clone()
         if self.dims.dp > 1:
             dist.all_reduce(v, group=self.dims.group("dp"))
-        return v.item() / self.dims.dp
+        return (v[0] / count).item()
 
     # ------------------------------------------------------------------ evaluation
     def _valid_batches(self) -> list:
@@ -181,27 +202,17 @@ class Trainer:
         return [to_device(b, self.dims.device) for b in iter_validation_batches(
             self.valid_ds, t.micro_batch_size, t.eval_steps, self.dims.dp_rank, self.dims.dp)]
 
-    def _measure_importance(self, on: bool) -> bool:
-        """Compute head importance in this step's forward? Without the aux loss vanilla gates
-        are pure measurement (~1 % of a step): only on log steps (with it, the model computes
-        them regardless). Returns the previous setting."""
-        before = getattr(self.model, "measure_importance", True)
-        if hasattr(self.model, "measure_importance"):
-            self.model.measure_importance = on
-        return before
-
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Validation loss: the mean cross-entropy over every target token of the validation batches."""
         if self.valid_ds is None:
             return {}
-        measured = self._measure_importance(False)
         self.engine.eval()
         batches = self._valid_batches()
-        total = sum(self._global_mean(self.engine(b["tokens"], b["doc_ids"], targets=b["targets"]).loss)
-                    for b in batches)
+        lm_sum = sum(cross_entropy_sum(self.engine(b["tokens"], b["doc_ids"], measure=False).logits, b["targets"],
+                                       self.dims) for b in batches)
         self.engine.train()
-        self._measure_importance(measured)
-        return self._eval_record(total / len(batches))
+        return self._eval_record(self._global_mean(lm_sum, stats.global_target_count(batches, self.dims)))
 
     def _eval_record(self, val_loss: float) -> dict:
         out = {"val_loss": val_loss}
@@ -218,10 +229,10 @@ class Trainer:
               "scheduler": {"last_epoch": self.scheduler.last_epoch}, "loader": self.loader.state_dict()}
         in_use = self.lm_evals.in_use() if self.lm_evals is not None else ()
         return train_state.save_training_state(self.engine, self.cfg, self.dims, self.counters.step, st,
-                                               self.cfg.train.keep_last, self._shared_heads_full(), in_use)
+                                               self.cfg.train.keep_last, self.pm.shared_heads, in_use)
 
     def resume(self, ckpt_dir: Path) -> None:
-        st = train_state.load_training_state(self.engine, ckpt_dir, self.dims, self._shared_heads_full())
+        st = train_state.load_training_state(self.engine, ckpt_dir, self.dims, self.pm.shared_heads)
         self.counters.step = st.get("step", 0)
         c = st.get("counters", {})
         self.counters.skipped_steps, self.counters.tokens = c.get("skipped_steps", 0), c.get("tokens", 0)
@@ -280,8 +291,7 @@ class Trainer:
         while self.counters.step < t.steps:
             batches = [to_device(self.loader.next_batch(), self.dims.device) for _ in range(self.accum)]
             next_step = self.counters.step + 1
-            self._measure_importance(next_step % t.log_interval == 0 or next_step == t.steps)
-            res = self.train_step(batches)
+            res = self.train_step(batches, measure=next_step % t.log_interval == 0 or next_step == t.steps)
             self.counters.step += 1
             self.counters.tokens += tokens_per_step
             window_steps += 1
@@ -343,30 +353,38 @@ class Trainer:
                                 f"{self.cfg.train.max_nan_skips}); saved {path} for inspection")
 
     def _log_step(self, res: StepResult, tokens_per_s: float) -> None:
+        rec = {"loss": res.loss, "aux_loss": res.aux_loss, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": res.grad_norm, "tokens_per_s": tokens_per_s,
+               "mfu": tokens_per_s * self.flops_per_token / (self.peak * self.dims.world_size),
+               "skipped_steps": self.counters.skipped_steps}
+        step = self.counters.step
+        if res.importance is not None:  # None only on a skipped step (same on every rank)
+            rec.update(self._importance_record(res.importance, step))
+        self.metrics.log(step, rec)
+        self.last_metrics.update(loss=res.loss, cv=rec.get("cv"))
+        self._log_main(f"step {step:6d} | loss {res.loss:.4f} | aux {res.aux_loss:.3e} | lr {rec['lr']:.2e} | "
+                       f"{tokens_per_s:,.0f} tok/s | mfu {rec['mfu']:.2%} | "
+                       f"cv {' '.join(f'{x:.3f}' for x in rec.get('cv', []))}")
+
+    def _importance_record(self, importance: torch.Tensor, step: int) -> dict:
+        """Per-layer CV (every step logged), the shared/routed means, the full matrix and its
+        heatmap (every importance_interval): all layers, gathered over pipeline stages."""
         # to the host once (they are logged and plotted): on GPUs they live on the device
-        imp = stats.gather_layers_over_pp(res.importance, self.dims).detach().cpu()
+        imp = stats.gather_layers_over_pp(importance, self.dims).detach().cpu()
         routed = stats.gather_layers_over_pp(self._routed(), self.dims).cpu()
         cv = imp_lib.cv_squared(imp, routed).sqrt()
         vanished = imp_lib.vanishing_warning(imp, routed)
         if vanished:
-            self._log_main(f"warning: step {self.counters.step}: {vanished}")
-        rec = {"loss": res.loss, "aux_loss": res.aux_loss, "lr": self.scheduler.get_last_lr()[0],
-               "grad_norm": res.grad_norm, "tokens_per_s": tokens_per_s,
-               "mfu": tokens_per_s * self.flops_per_token / (self.peak * self.dims.world_size),
-               "cv": [round(float(x), 6) for x in cv], "skipped_steps": self.counters.skipped_steps}
+            self._log_main(f"warning: step {step}: {vanished}")
+        rec = {"cv": [round(float(x), 6) for x in cv]}
         shared = ~routed
         if shared.any():
             rec["importance_shared_mean"] = float(imp[shared].mean())
             rec["importance_routed_mean"] = float(imp[routed].mean())
-        step = self.counters.step
         if step % self.cfg.train.importance_interval == 0 or step == self.cfg.train.steps:
             rec["importance"] = [[round(float(x), 6) for x in row] for row in imp]
             self.metrics.log_importance(step, imp, cv)
-        self.metrics.log(step, rec)
-        self.last_metrics.update(loss=res.loss, cv=rec["cv"])
-        self._log_main(f"step {step:6d} | loss {res.loss:.4f} | aux {res.aux_loss:.3e} | lr {rec['lr']:.2e} | "
-                       f"{tokens_per_s:,.0f} tok/s | mfu {rec['mfu']:.2%} | "
-                       f"cv {' '.join(f'{x:.3f}' for x in rec['cv'])}")
+        return rec
 
     def _start_lm_eval(self, ckpt: Optional[Path]) -> None:
         """Rank 0 starts `megasink eval` of ``ckpt`` in the background (no collective; every rank saved it)."""
