@@ -19,6 +19,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + (tmp_path / "check.log").read_text()[-3000:]
     res = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(res) == {"kernels", "model", "cli", "cli-compile", "hf"}
+    # the device tool returns only a few files: five JSON files and one log, no run directories
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{n}.json" for n in res] + ["check.log"])
     assert all(r["ok"] for r in res.values())
     assert any(c["augmented"] for c in res["kernels"]["cases"])  # the fallback's own case
     for case in res["kernels"]["cases"] + res["model"]["cases"]:

@@ -161,3 +161,31 @@ def test_backend_resolution():
         resolve_backend("sdpa", cuda, True)
     with pytest.raises(BackendError, match="allowed: auto, eager, flash, varlen, flex, sdpa"):
         resolve_backend("fa3", cpu, True)
+
+
+def test_shifted_column_rounds_once_and_treats_subnormal_do_as_zero():
+    """bf16: rowsum(dO * O') equals D - dLSE within u |dO0 O0 - dLSE| (u = 2^-8: one rounding of the
+    exact new column) even for tiny dO0; rounding twice (delta to bf16, then the subtraction in
+    bf16) misses it by up to 3.3x here. A row whose |dO0| is below fp32's smallest
+    normal (a kernel may flush it to 0) with dLSE != 0 takes the augmented fallback (None)."""
+    from megasink.model.kernels.lse_grad import shift_out
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 3, 64, 16, generator=g).to(torch.bfloat16)
+    dout = torch.randn(2, 3, 64, 16, generator=g)
+    dout[..., 0] *= torch.logspace(-6, 0, 64)  # some rows with a small dO0
+    dout = dout.to(torch.bfloat16)
+    dlse = torch.randn(2, 3, 64, generator=g)
+    shifted = shift_out(out, dout, dlse)
+    assert shifted is not None and shifted.dtype == torch.bfloat16
+    assert torch.equal(shifted[..., 1:], out[..., 1:])
+    exact = (dout.double() * out.double()).sum(-1) - dlse.double()
+    got = (dout.double() * shifted.double()).sum(-1)
+    bound = 2.0 ** -8 * (dout[..., 0].double() * out[..., 0].double() - dlse.double()).abs()
+    assert ((got - exact).abs() <= bound * 1.001 + 1e-12).all()
+    tiny = dout.clone().float()
+    tiny[0, 0, 5, 0] = 1e-39  # subnormal in fp32
+    assert shift_out(out, tiny, dlse) is None
+    dlse_zero_there = dlse.clone()
+    dlse_zero_there[0, 0, 5] = 0.0
+    assert shift_out(out, tiny, dlse_zero_there) is not None  # no dLSE in that row: nothing to shift

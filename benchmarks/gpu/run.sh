@@ -2,12 +2,14 @@
 # The one-call GPU check for a session lent a device machine (one H200): ~4-5 min in one `run`.
 # Stages in priority order, each under its own time limit (upper bounds: cold CUDA start-up and
 # Triton/inductor compiles), each writing $OUT/<stage>.json as it goes, so a timeout still
-# returns what ran (benchmarks/gpu/check.py says what each does):
+# returns what ran (benchmarks/gpu/check.py says what each does). $OUT gets those five JSON files
+# and one log, check.log (the GPU line, each stage's output and status): the device tool returns
+# only a few files, so training run directories live under /tmp.
 #   kernels (70 s)  model (60 s)  cli (70 s)  hf (60 s)  cli --compile (120 s)
 # Before the call, here: bash benchmarks/gpu/fetch_wheels.sh   (DeepSpeed & co. into .whl/)
 #   device run: command "bash benchmarks/gpu/run.sh", carry [".whl"], timeout_s 420
 #   CPU dry run of the same logic (tests do this): bash benchmarks/gpu/run.sh --dry-run
-# Numbers go into benchmarks/RESULTS.md by hand, with the date and the hardware line of gpu.txt.
+# Numbers go into benchmarks/RESULTS.md by hand, with the date and the hardware line of check.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DRY=""
@@ -21,19 +23,21 @@ if [ -z "$DRY" ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/megasink-site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+LOG="$OUT/check.log"
 if [ -z "$DRY" ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 fi
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$LOG"
+RUNS=$(mktemp -d /tmp/megasink-gpu-runs.XXXXXX)  # the CLI stages' run directories, not returned
 status=0
 stage() {  # stage SECONDS ARGS...: one check.py stage; its exit status is recorded, the rest go on
   local limit=$1; shift
   [ -n "$DRY" ] && limit=$((limit * 8))  # two shared CPU cores are slower than an H200
   # -k: a stage that ignores SIGTERM (the trainer turns it into a checkpoint request) is killed
   # 10 s later, so nothing of it runs on into the next stage's GPU
-  timeout -k 10 "$limit" "$PY" benchmarks/gpu/check.py "$@" $DRY --out "$OUT" >>"$OUT/check.log" 2>&1
+  timeout -k 10 "$limit" "$PY" benchmarks/gpu/check.py "$@" $DRY --out "$OUT" --runs "$RUNS" >>"$LOG" 2>&1
   local rc=$?
-  echo "stage $* rc=$rc" | tee -a "$OUT/summary.txt"
+  echo "stage $* rc=$rc" | tee -a "$LOG"
   [ $rc -eq 0 ] || status=1
 }
 stage 70 kernels
@@ -41,5 +45,6 @@ stage 60 model
 stage 70 cli
 stage 60 hf
 stage 120 cli --compile
-tail -n 20 "$OUT/check.log"
+grep "^stage " "$LOG"
+rm -rf "$RUNS"
 exit $status

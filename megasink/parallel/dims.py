@@ -76,6 +76,12 @@ class ParallelDims:
                 f"{where}: train.global_batch_size={t.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size ({t.micro_batch_size}) * dp ({dp})"
             )
+        accum = t.global_batch_size // per_step
+        if t.precision == "bf16" and p.zero == 0 and accum > 1:
+            raise ConfigError(
+                f"{where}: train.precision=bf16 with gradient accumulation ({accum} micro-batches per step) needs "
+                "parallel.zero_stage >= 1: without ZeRO DeepSpeed accumulates bf16 gradients in bf16; ZeRO keeps "
+                "them in fp32")
         return ParallelDims(p.tp, p.pp, dp, rank)
 
     def grad_accum_steps(self, cfg: Config) -> int:

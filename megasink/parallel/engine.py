@@ -50,6 +50,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
     t = cfg.train
+    # bf16: gradients accumulate over micro-batches in fp32 (DeepSpeed's default is the model's
+    # dtype); ZeRO-1 then runs DeepSpeed's BF16_Optimizer, ZeRO-2/3 keep fp32 accumulators.
+    # Without ZeRO DeepSpeed cannot (ParallelDims.from_config refuses bf16 + accumulation there).
+    fp32_accum = t.precision == "bf16" and cfg.parallel.zero > 0
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": dims.grad_accum_steps(cfg),
@@ -59,6 +63,7 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         "zero_optimization": {"stage": cfg.parallel.zero},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if fp32_accum else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -166,14 +171,27 @@ def _master_tensors(engine) -> list:
     return [p for g in _base_optimizer(engine).param_groups for p in g["params"]]
 
 
+def step_state(step: float, group: dict, param: torch.Tensor) -> torch.Tensor:
+    """AdamW's ``state["step"]`` as torch keeps it: on the parameter's device for fused or
+    capturable groups (the fused kernel reads it there; a CPU step crashes ``_fused_adamw`` on
+    CUDA), a CPU scalar otherwise (torch/optim/adam.py, "special device hosting for step")."""
+    on_device = bool(group.get("fused")) or bool(group.get("capturable"))
+    return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
+
+
+def _groups_by_tensor(engine) -> dict:
+    return {id(t): g for g in _base_optimizer(engine).param_groups for t in g["params"]}
+
+
 def ensure_optimizer_state(engine) -> None:
     """Create AdamW's state (step 0, zero moments) as torch's AdamW would on its first step,
     without touching any weight, so saved moments can be loaded into a fresh optimizer."""
     base = _base_optimizer(engine)
+    groups = _groups_by_tensor(engine)
     for t in _master_tensors(engine):
         st = base.state[t]
         if "exp_avg" not in st:
-            st["step"] = torch.tensor(0.0)
+            st["step"] = step_state(0, groups.get(id(t), {}), t)
             st["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
 
@@ -200,6 +218,7 @@ def optimizer_step_count(engine) -> int:
 
 def set_optimizer_step_count(engine, step: int) -> None:
     base = _base_optimizer(engine)
-    for st in base.state.values():
+    groups = _groups_by_tensor(engine)
+    for t, st in base.state.items():
         if "step" in st:
-            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+            st["step"] = step_state(step, groups.get(id(t), {}), t) if torch.is_tensor(st["step"]) else step

@@ -40,15 +40,20 @@ def backward_with_lse_grad(kernel_bwd: KernelBackward, dout, dlse: Optional[torc
 def shift_out(out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor) -> Optional[torch.Tensor]:
     """A copy of O with its first column shifted per row, O'[..., 0] = O[..., 0] - dLSE / dO[..., 0],
     or None when a row with dLSE != 0 has dO[..., 0] = 0 (or the shift would not be finite in
-    out's dtype). Rounding: dO0 * O'0 = dO0 * O0 - dLSE up to O'0's rounding,
-    |error| <= eps (|dO0 O0| + |dLSE|) in out's dtype, as for the augmented column."""
+    out's dtype). |dO0| below fp32's smallest normal counts as 0: a kernel that flushes
+    subnormals to zero would drop the shift. The new column is rounded once, from fp32:
+    dO0 * O'0 = dO0 * O0 - dLSE with |error| <= u |dO0 O0 - dLSE|, u the unit roundoff of out's
+    dtype, however small dO0 is."""
     acc = torch.promote_types(out.dtype, torch.float32)
-    delta = dlse.to(acc) / dout[..., 0].to(acc)  # shaped like out[..., 0]
+    d0 = dout[..., 0].to(acc)
+    d0 = d0.masked_fill(d0.abs() < torch.finfo(torch.float32).tiny, 0.0)
+    delta = dlse.to(acc) / d0  # shaped like out[..., 0]; inf where dO0 = 0 and dLSE != 0
     delta = delta.masked_fill(dlse == 0, 0.0)  # rows without dLSE stay (also 0 / 0 at dO0 = 0)
-    if not bool(delta.abs().max() <= torch.finfo(out.dtype).max / 4):  # one host sync per call
+    col = out[..., 0].to(acc) - delta
+    if not bool(col.abs().max() <= torch.finfo(out.dtype).max / 4):  # one host sync per call
         return None
-    shifted = out.clone()  # out's strides
-    shifted[..., 0] -= delta.to(out.dtype)
+    shifted = out.clone()  # out's strides; a new tensor, nothing autograd saved is modified
+    shifted[..., 0] = col.to(out.dtype)
     return shifted
 
 
