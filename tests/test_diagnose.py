@@ -14,18 +14,10 @@ from megasink.data.documents import DocumentSource, iter_samples
 from megasink.data.indexed import IndexedDatasetWriter
 from megasink.eval.diagnose import diagnose, main, summary, write_outputs
 from megasink.eval.inputs import HFEagerGates
+from megasink.shared_heads import shared_mask_from_file
 from test_hf_helpers import MODEL_VOCAB, save_random_hf, tiny_llama_config, train_spm
 
 transformers = pytest.importorskip("transformers")
-
-
-def shared_mask_from_file(path, n_layers, n_heads):
-    """The reader training uses for aux_loss.shared_heads (it is moving out of megasink.model)."""
-    try:
-        from megasink.shared_heads import shared_mask_from_file as read
-    except ImportError:
-        from megasink.model.importance import shared_mask_from_file as read
-    return read(path, n_layers, n_heads)
 
 DOC_LENGTHS = [30, 7, 30, 50, 12, 30, 2, 40]  # truncated to SEQ_LEN=24: several equal lengths batch together
 SEQ_LEN = 24
