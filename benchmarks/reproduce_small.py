@@ -145,7 +145,7 @@ def overrides_for(run: Run, out: Path, data_dir: Path, smoke: bool) -> list[str]
     ov = [f"run_dir={out / 'runs' / run.name}", f"aux_loss.coef={run.coef}", f"train.seed={1233 + run.seed}",
           "train.resume=auto"]
     if smoke:
-        ov += SMOKE + ["data.path=[synthetic]", "model.vocab_size=512"]
+        ov += SMOKE + ["data.path=[synthetic]", "data.tokenizer=", "model.vocab_size=512"]
     else:
         ov += [f"data.path=[{data_dir / 'tokens' / run.data}]", f"data.tokenizer={data_dir / 'tokenizer/spm2048.model'}"]
     if run.finetune:

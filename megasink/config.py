@@ -22,6 +22,8 @@ ATTENTION_VARIANTS = ("vanilla", "sink", "gated")
 ATTENTION_BACKENDS = ("auto", "eager", "flash", "varlen", "flex", "sdpa")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,8 @@ class ModelConfig:
     """Number of key/value heads (grouped-query attention); 0 means n_heads."""
     d_model: int = 128
     """Hidden size."""
+    d_head: int = 0
+    """Size of each attention head; 0 means d_model / n_heads (Qwen3 and some Mistral models set it)."""
     d_ff: int = 0
     """SwiGLU inner size; 0 means 8/3 * d_model rounded up to ffn_multiple_of."""
     ffn_multiple_of: int = 64
@@ -50,6 +54,25 @@ class ModelConfig:
     """Training sequence length in tokens."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling: none | linear (all frequencies / rope_factor) | llama3 (Llama 3.1's)."""
+    rope_factor: float = 1.0
+    """linear and llama3: the context extension factor (HF rope_parameters "factor")."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above rope_original_seq_len / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below rope_original_seq_len / this keep their frequency."""
+    rope_original_seq_len: int = 8192
+    """llama3: the pretraining context length (HF "original_max_position_embeddings")."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections, none on the output projection (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm of every query and key head over head_dim, before RoPE (Qwen3)."""
+    sliding_window: int = 0
+    """The source model's attention window (Mistral); megasink attends to whole sequences, the same
+    function while seq_len <= sliding_window, which is required; 0: no window."""
+    hf_family: str = "llama"
+    """Hugging Face architecture of a vanilla export (the source's on import): llama | mistral | qwen2 | qwen3."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
@@ -66,7 +89,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -355,15 +378,50 @@ def validate_model(m: ModelConfig, where: str = "<config>") -> None:
     _check_choice(m.attention, ATTENTION_VARIANTS, "model.attention", where)
     _check_choice(m.attention_backend, ATTENTION_BACKENDS, "model.attention_backend", where)
     _check_at_least(m, "model", 1, ("n_layers", "n_heads", "d_model", "vocab_size", "seq_len"), where)
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"{where}: model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    _check_at_least(m, "model", 0, ("d_head", "sliding_window"), where)
+    if m.d_model % m.n_heads and not m.d_head:
+        raise ConfigError(f"{where}: model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
+                          "set model.d_head (the size of each head) or change one of them")
     if m.head_dim % 2:
-        raise ConfigError(f"{where}: head_dim={m.head_dim} must be even for RoPE")
+        raise ConfigError(f"{where}: head_dim={m.head_dim} (model.d_head, or d_model / n_heads) must be even for RoPE")
+    validate_rope_scaling(m, where)
+    validate_hf_family(m, where)
     if m.n_heads % m.kv_heads:
         raise ConfigError(
             f"{where}: model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads} "
             "(grouped-query attention needs whole groups)"
         )
+
+
+def validate_rope_scaling(m: ModelConfig, where: str) -> None:
+    _check_choice(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling", where)
+    if m.rope_scaling != "none" and not m.rope_factor > 0:
+        raise ConfigError(f"{where}: model.rope_factor must be > 0 with model.rope_scaling={m.rope_scaling}, "
+                          f"got {m.rope_factor}")
+    if m.rope_scaling == "llama3" and not (0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                                           and m.rope_original_seq_len > 0):
+        raise ConfigError(f"{where}: model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor "
+                          f"({m.rope_low_freq_factor}) < model.rope_high_freq_factor ({m.rope_high_freq_factor}) "
+                          f"and model.rope_original_seq_len > 0 ({m.rope_original_seq_len})")
+
+
+def validate_hf_family(m: ModelConfig, where: str) -> None:
+    """Each Hugging Face family has exactly its own attention features, so a vanilla export is that
+    family's stock model: q/k/v biases are Qwen2's, QK-norm Qwen3's, a sliding window Mistral's."""
+    _check_choice(m.hf_family, HF_FAMILIES, "model.hf_family", where)
+    for key, family in (("qkv_bias", "qwen2"), ("qk_norm", "qwen3")):
+        if getattr(m, key) != (m.hf_family == family):
+            raise ConfigError(f"{where}: model.{key}={getattr(m, key)} with model.hf_family={m.hf_family}: "
+                              f"{key} is the {family} family's feature (and every {family} model has it); "
+                              f"set both or neither")
+    if m.sliding_window and m.hf_family != "mistral":
+        raise ConfigError(f"{where}: model.sliding_window={m.sliding_window} needs model.hf_family=mistral "
+                          "(the one family whose sliding window megasink records); set it to 0")
+    if m.sliding_window and m.seq_len > m.sliding_window:
+        raise ConfigError(
+            f"{where}: model.seq_len={m.seq_len} exceeds model.sliding_window={m.sliding_window}: megasink attends "
+            "to whole sequences, which is the source model's sliding-window attention only up to the window; "
+            f"set model.seq_len (convert_from_hf.py --seq-len) to at most {m.sliding_window}")
 
 
 def validate_shared_heads(shared_heads: Union[int, str], m: ModelConfig, where: str) -> None:
@@ -392,6 +450,11 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     _check_choice(a.accumulation, ("global", "micro"), "aux_loss.accumulation", where)
     if a.coef < 0:
         raise ConfigError(f"{where}: aux_loss.coef must be >= 0, got {a.coef}")
+    if not t.lr > 0:
+        raise ConfigError(f"{where}: train.lr must be > 0, got {t.lr}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"{where}: train.min_lr must be in [0, train.lr = {t.lr}] (the end of the decay), "
+                          f"got {t.min_lr}")
     validate_shared_heads(a.shared_heads, cfg.model, where)
     _check_at_least(t, "train", 1, ("steps", "micro_batch_size", "global_batch_size", "log_interval",
                                     "importance_interval", "eval_steps"), where)

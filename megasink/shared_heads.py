@@ -4,14 +4,17 @@ The top-m heads of each layer are *shared* (kept out of the CV) and the rest *ro
 layer keeps at least ``MIN_ROUTED_HEADS`` routed heads, since the CV of a single head is 0 and
 its aux loss would silently vanish (docs/design.md, "Shared and routed heads"). This module
 reads the ``importance.json`` form; it imports neither the config nor the model, so both can
-use it.
+use it, and torch only when called (the config, which imports it, stays light: data workers
+read it without torch).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MIN_ROUTED_HEADS = 2  # per layer: the CV of a single routed head is 0 and balances nothing
 
@@ -20,6 +23,8 @@ def check_routed(shared: torch.Tensor, where: str) -> None:
     """Refuse shared heads (L, H) bool that leave a layer fewer than MIN_ROUTED_HEADS routed heads
     (the CV of one head is 0: its aux loss would silently vanish). The rule of both forms of
     aux_loss.shared_heads (a count is checked by config.validate)."""
+    import torch
+
     n_routed = (~shared).sum(-1)
     bad = torch.nonzero(n_routed < MIN_ROUTED_HEADS).flatten().tolist()
     if bad:
@@ -32,6 +37,8 @@ def check_routed(shared: torch.Tensor, where: str) -> None:
 def shared_mask_from_file(path: str | Path, n_layers: int, n_heads: int) -> torch.Tensor:
     """(L, H) bool from an importance.json's ``shared_heads`` ([layers][m] head indices),
     checked by ``check_routed``."""
+    import torch
+
     data = json.loads(Path(path).read_text())
     if "shared_heads" not in data:
         raise ValueError(f"{path}: no 'shared_heads' (write it with tools/diagnose_heads.py --top-m M)")

@@ -127,31 +127,65 @@ def test_resume_skips_a_damaged_latest_on_every_rank(tmp_path):
     assert files == {name: oct(reference.stat().st_mode & 0o777) for name in files}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher,exit_code", [("one process", 0), ("torchrun", 1)])
-def test_sigterm_checkpoints_and_exits_as_the_readme_says(tmp_path, launcher, exit_code):
-    """SIGTERM to the launched command: every rank saves and writes PREEMPTED. One process exits
-    0; torchrun forwards the signal, its worker exits 0, and torchrun itself exits 1
-    (SignalException, its own handling): the README and the Slurm scripts rely on the marker."""
-    import signal
+def _start_training(tmp_path, launcher: str, extra=()):
+    """(process, log path, run dir): a 500-step run started as the README says, at step 2 or later."""
     import time
 
     run_dir = tmp_path / "run"
-    cmd = ["-m", "megasink.train", CONFIG, *TINY, f"run_dir={run_dir}", "train.steps=500"]
+    cmd = ["-m", "megasink.train", CONFIG, *TINY, f"run_dir={run_dir}", "train.steps=500", *extra]
     if launcher == "torchrun":
         cmd = ["-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port()), *cmd]
     log = tmp_path / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.time() + 240
-        while "step      2 |" not in log.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=240)
+    out = open(log, "w")
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while "step      2 |" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    return proc, log, run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,exit_code", [("one process", 0), ("torchrun", 1)])
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_and_exits_as_the_readme_says(tmp_path, launcher, exit_code, signame):
+    """SIGTERM or a Ctrl-C (SIGINT) to the launched command: every rank saves and writes PREEMPTED,
+    no traceback. One process exits 0; torchrun forwards the signal, its worker exits 0, and
+    torchrun itself exits 1 (SignalException, its own handling): the README and the Slurm
+    scripts rely on the marker."""
+    import signal
+
+    proc, log, run_dir = _start_training(tmp_path, launcher)
+    proc.send_signal(getattr(signal, signame))
+    rc = proc.wait(timeout=240)
     text = log.read_text()
     step = int((run_dir / "PREEMPTED").read_text())
     assert rc == exit_code and f"saved {run_dir}/checkpoints/step_{step} at step {step}" in text, text[-3000:]
+    assert "Traceback" not in text.split("step      2 |")[1] or launcher == "torchrun", text[-3000:]
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    """Ctrl-C twice: the second aborts without waiting for the checkpoint (exit 130, one line,
+    no traceback); no checkpoint is left half written (latest absent or complete)."""
+    import signal
+    import time
+
+    from megasink.checkpoint import resolve_checkpoint_dir
+
+    # steps of ~1 s: the second Ctrl-C comes while the first one's step is still running
+    slow = ["model.d_model=256", "model.seq_len=512", "train.micro_batch_size=4", "train.global_batch_size=8"]
+    proc, log, run_dir = _start_training(tmp_path, "one process", slow)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    while "interrupt: saving a checkpoint" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.05)  # the first one has been seen (two at once arrive as one signal)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 130 and "second interrupt: aborting now" in text and "Traceback" not in text, text[-3000:]
+    if (run_dir / "checkpoints" / "latest").exists():
+        resolve_checkpoint_dir(run_dir)  # raises if latest named a damaged checkpoint
 
 
 def _cli(*args):
@@ -165,6 +199,7 @@ def _cli(*args):
     (["data.path=[/nonexistent/corpus]"], "dataset '/nonexistent/corpus' not found"),
     (["train.stpes=5"], "unknown key 'train.stpes'"),
     (["parallel.tp=3"], "model.n_heads=4 is not divisible by parallel.tp=3"),
+    (["parallel.pp=2"], "launch a multiple of 2 processes, e.g. torchrun --nproc_per_node 2"),
 ])
 def test_bad_input_fails_before_training(tmp_path, args, message):
     proc = _cli(CONFIG, f"run_dir={tmp_path / 'r'}", *args)

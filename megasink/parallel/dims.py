@@ -57,7 +57,9 @@ class ParallelDims:
         p, m = cfg.parallel, cfg.model
         if world_size % (p.tp * p.pp):
             raise ConfigError(
-                f"{where}: world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp * p.pp}"
+                f"{where}: world size {world_size} is not divisible by parallel.tp * parallel.pp = {p.tp * p.pp}: "
+                f"launch a multiple of {p.tp * p.pp} processes, e.g. torchrun --nproc_per_node {p.tp * p.pp} "
+                "-m megasink.train ... (or srun; slurm/README.md)"
             )
         dp = p.dp or world_size // (p.tp * p.pp)
         if p.tp * p.pp * dp != world_size:

@@ -7,6 +7,7 @@ size, data paths) is checked first, so a bad launch fails by name before any col
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,13 +34,16 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def check_data(cfg: Config) -> None:
-    """Fail early, by name, on data paths that do not exist."""
+def check_data(cfg: Config, where: str = "<config>") -> None:
+    """Fail early, by name, on data and tokenizer paths that do not exist."""
     from megasink.data import parse_data_paths, resolve_prefix
 
     for _, prefix in parse_data_paths(cfg.data.path, "data.path"):
         if prefix != "synthetic":
             resolve_prefix(prefix, "data.path")  # raises, naming the missing prefix
+    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).exists():
+        raise ConfigError(f"{where}: data.tokenizer={cfg.data.tokenizer} does not exist: the tokenizer the data was "
+                          "built with (recorded in checkpoints and exports); fix the path or leave it empty")
 
 
 def _rank0_print(msg: str) -> None:
@@ -148,14 +152,29 @@ def run(cfg: Config, where: str = "<config>") -> dict:
     from megasink.parallel.dims import init_distributed, teardown_distributed
     from megasink.train.state import find_resume_dir
 
-    check_data(cfg)
+    check_data(cfg, where)
+    run_dir = Path(cfg.run_dir)
+    created = not run_dir.exists()  # on every rank before any creates it (init is a rendezvous)
     dims = init_distributed(cfg, where)
     try:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         resume_dir = find_resume_dir(cfg)  # collective: the same answer on every rank
         return build_everything(cfg, dims, resume_dir).run(resume_dir)
+    except BaseException:
+        if created and dims.rank == 0:
+            _remove_if_unused(run_dir)
+        raise
     finally:
         teardown_distributed()
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """A run directory this command created and that holds no step (no metrics record, no
+    checkpoint) is removed when the run fails: a failed start leaves nothing behind."""
+    metrics = run_dir / "metrics.jsonl"
+    if any((run_dir / "checkpoints").glob("step_*")) or (metrics.exists() and metrics.stat().st_size > 0):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -169,6 +188,9 @@ def main(argv=None) -> int:
         return report_user_error("megasink: config error", e)
     except (UserError, FileNotFoundError) as e:
         return report_user_error("megasink", e)
+    except KeyboardInterrupt:  # before the training loop (which turns Ctrl-C into a checkpoint)
+        print("[megasink] interrupted before training started: nothing was saved", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

@@ -9,6 +9,7 @@ saved with tp=2 x pp=2 resumes with tp=1 x pp=1 and back.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import Collection, Optional
 import torch
 import torch.distributed as dist
 
-from megasink.config import Config, save_config
+from megasink.config import Config, load_config, save_config
 from megasink.errors import UserError
 from megasink.parallel import engine as eng
 from megasink.parallel.dims import ParallelDims
@@ -160,8 +161,29 @@ def _pick_resume_dir(cfg: Config) -> Optional[Path]:
     if r == "none":
         return None
     if r != "auto":
-        return ckpt.resolve_checkpoint_dir(r)
-    choice, note = ckpt.resume_candidate(Path(cfg.run_dir) / "checkpoints")
-    if note:
-        print(f"[megasink] warning: {note}", file=sys.stderr, flush=True)
+        choice = ckpt.resolve_checkpoint_dir(r)
+    else:
+        choice, note = ckpt.resume_candidate(Path(cfg.run_dir) / "checkpoints")
+        if note:
+            print(f"[megasink] warning: {note}", file=sys.stderr, flush=True)
+    if choice is not None:
+        check_resumable(choice, cfg)
     return choice
+
+
+# ModelConfig fields a resumed run may change: they set how weights start or how attention is
+# computed, not what the weights are
+RESUMABLE_MODEL_CHANGES = ("attention_backend", "init_std", "sink_init", "gate_bias_init", "seq_len")
+
+
+def check_resumable(ckpt_dir: Path, cfg: Config) -> None:
+    """Refuse, naming every differing key, to resume ``cfg`` from a checkpoint of another model
+    (before anything is loaded or written)."""
+    saved = load_config(ckpt_dir / "config.yaml").model
+    diffs = [f"model.{f.name}={getattr(saved, f.name)!r} (this config: {getattr(cfg.model, f.name)!r})"
+             for f in dataclasses.fields(saved)
+             if f.name not in RESUMABLE_MODEL_CHANGES and getattr(saved, f.name) != getattr(cfg.model, f.name)]
+    if diffs:
+        raise ckpt.CheckpointError(
+            f"cannot resume from {ckpt_dir}: it holds another model: {', '.join(diffs)}; use that checkpoint's "
+            "model section, or start a new run (another run_dir, or train.resume=none)")

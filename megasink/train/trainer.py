@@ -13,6 +13,7 @@ over the step's micro-batches.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -253,11 +254,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ preemption
     def install_signal_handlers(self) -> None:
+        """SIGTERM, SIGUSR1 (Slurm's warning) and a first Ctrl-C (SIGINT) ask for a checkpoint at
+        the end of the current step and a clean exit 0 with run_dir/PREEMPTED; a second Ctrl-C
+        aborts at once without saving (exit 130). Under torchrun the workers run in their own
+        session: a Ctrl-C reaches torchrun, which forwards one SIGINT to each worker."""
         def handler(signum, frame):
             self._preempt = True
 
+        def interrupt(signum, frame):
+            if self._preempt:
+                print("[megasink] second interrupt: aborting now, nothing more is saved", file=sys.stderr, flush=True)
+                os._exit(130)
+            self._preempt = True
+            if self.rank == 0:
+                print("\n[megasink] interrupt: saving a checkpoint after this step, then exiting (Ctrl-C again to "
+                      "abort without saving)", file=sys.stderr, flush=True)
+
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, interrupt)
 
     def _preempt_requested(self) -> bool:
         flag = torch.tensor([1.0 if self._preempt else 0.0])
