@@ -225,32 +225,44 @@ def test_no_progress_bars_off_a_terminal(tmp_path, capsys):
 
 
 def test_refuses_unsupported_checkpoints(tmp_path, capsys):
+    """What megasink's model cannot represent is refused by name, before anything is written."""
     qwen3 = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, attention_bias=True)
     save_random_hf(transformers.Qwen3ForCausalLM, qwen3, tmp_path / "qwen3")
     assert from_hf_main([str(tmp_path / "qwen3"), str(tmp_path / "out"), "--no-progress"]) == 2
-    assert "QK-norm" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "attention_bias=true" in capsys.readouterr().err and not (tmp_path / "out").exists()
     llama = save_random_hf(transformers.LlamaForCausalLM, tiny_llama_config(), tmp_path / "llama")
     assert from_hf_main([str(llama), str(tmp_path / "out"), "--tp", "3", "--no-progress"]) == 2
     assert "not divisible by parallel.tp=3" in capsys.readouterr().err
-    qwen2 = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1)
-    save_random_hf(transformers.Qwen2ForCausalLM, qwen2, tmp_path / "qwen2")
-    with pytest.raises(UnsupportedModelError, match="biases on the attention projections"):
-        import_model(tmp_path / "qwen2", progress=False)
+    mistral = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    save_random_hf(transformers.MistralForCausalLM, mistral, tmp_path / "mistral")
+    assert from_hf_main([str(tmp_path / "mistral"), str(tmp_path / "out"), "--seq-len", "32", "--no-progress"]) == 2
+    assert "model.seq_len=32 exceeds model.sliding_window=16" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
     base = tiny_llama_config().to_dict()
+    qwen2 = {**base, "model_type": "qwen2"}
     cases = {
-        "sliding-window": {**base, "model_type": "mistral", "sliding_window": 16},
-        "RoPE type 'llama3'": {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-        "explicit head_dim": {**base, "head_dim": 32},
+        "sliding-window attention on some layers": {**qwen2, "use_sliding_window": True, "sliding_window": 16},
+        "RoPE type 'yarn'": {**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}},
+        "RoPE type 'dynamic'": {**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+        "without its parameter 'low_freq_factor'": {**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
         "partial_rotary_factor": {**base, "partial_rotary_factor": 0.5},
         "hidden_act": {**base, "hidden_act": "gelu"},
+        "mlp_bias": {**base, "mlp_bias": True},
+        "attention_bias=true": {**base, "attention_bias": True},
         "model_type 'gpt2'": {**base, "model_type": "gpt2"},
     }
     for message, hf_cfg in cases.items():
         with pytest.raises(UnsupportedModelError, match=message):
             mapping.check_supported(hf_cfg, "config.json")
+    for message, names in {"q/k/v biases in a llama checkpoint": ["model.layers.0.self_attn.k_proj.bias"],
+                           r"QK-norm\) in a qwen2 checkpoint": ["model.layers.0.self_attn.q_norm.weight"],
+                           "o_proj": ["model.layers.0.self_attn.o_proj.bias"]}.items():
+        hf_cfg = qwen2 if "qwen2" in message else base
+        with pytest.raises(UnsupportedModelError, match=message):
+            mapping.check_supported(hf_cfg, "config.json", names)
     with pytest.raises(UnsupportedModelError, match="cannot become vanilla"):
         cfg = Config(model=small_model_cfg("gated", vocab_size=MODEL_VOCAB))
         ckpt = save_model_checkpoint(build_seeded(cfg.model), cfg, tmp_path / "g")

@@ -80,3 +80,50 @@ def save_random_hf(model_cls, config, out_dir: Path, seed: int = 0, qk_scale: fl
                 p.mul_(qk_scale)
     model.save_pretrained(str(out_dir))
     return out_dir
+
+
+# Small random models of the families people fine-tune (2 layers, GQA 4/2), each with its own feature:
+# Llama 3.2 (llama3 RoPE, tied embeddings), Llama with linear RoPE, Qwen2.5 (q/k/v biases, tied), Qwen3
+# (QK-norm, head_dim 24 != hidden / heads), Mistral (sliding window 48, so model.seq_len becomes 48).
+FAMILY_NAMES = ("llama3", "llama-linear", "qwen2", "qwen3", "mistral")
+
+
+def family_config(name: str):
+    """(transformers model class, config) of one of FAMILY_NAMES."""
+    import transformers as tf
+
+    base = dict(vocab_size=MODEL_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                bos_token_id=1, eos_token_id=2)
+    if name == "llama3":  # original 32: wavelengths above 32 divided by 8, 8 to 32 smoothed, below 8 kept
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**base, tie_word_embeddings=True, rope_parameters=rope)
+    if name == "llama-linear":
+        rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**base, tie_word_embeddings=False, rope_parameters=rope)
+    if name == "qwen2":
+        return tf.Qwen2ForCausalLM, tf.Qwen2Config(**base, tie_word_embeddings=True)
+    if name == "qwen3":
+        return tf.Qwen3ForCausalLM, tf.Qwen3Config(**base, head_dim=24, tie_word_embeddings=False)
+    if name == "mistral":
+        return tf.MistralForCausalLM, tf.MistralConfig(**base, sliding_window=48, tie_word_embeddings=False)
+    raise ValueError(f"family {name!r}; allowed: {', '.join(FAMILY_NAMES)}")
+
+
+def save_family(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """A random ``name`` model saved with safetensors: q/k scaled up (attention far from uniform), and
+    biases and q/k norm weights random (so a dropped feature changes the logits)."""
+    model_cls, config = family_config(name)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+            elif pname.endswith("_proj.bias"):
+                p.normal_(0.0, 0.5)
+            elif pname.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(str(out_dir))
+    return out_dir

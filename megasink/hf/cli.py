@@ -21,7 +21,8 @@ def to_hf_main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="convert_to_hf.py",
         description="Export a megasink checkpoint (run dir, checkpoints/ dir or step dir) as a Hugging Face "
-                    "model directory: vanilla -> LlamaForCausalLM; sink/gated -> modeling code in the "
+                    "model directory: vanilla -> its family's class (model.hf_family: Llama, Mistral, Qwen2, "
+                    "Qwen3 ForCausalLM); sink/gated -> modeling code in the "
                     "directory (load with trust_remote_code=True).")
     p.add_argument("checkpoint", help="megasink checkpoint: step dir, checkpoints/ dir or run dir")
     p.add_argument("out_dir", help="output directory (written as OUT.tmp and renamed)")
@@ -44,6 +45,13 @@ def to_hf_main(argv=None) -> int:
         return 2
     print(f"wrote {out}")
     return 0
+
+
+def logit_change(report) -> str:
+    """The measured function change of added sinks / gates, absolute and relative (to what, said)."""
+    rel = report.max_logit_change / report.max_logit if report.max_logit else float("nan")
+    return (f"largest logit change {report.max_logit_change:.3g} absolute, {rel:.2g} relative to the largest "
+            f"|logit| ({report.max_logit:.3g}) of the model without them, on the calibration tokens")
 
 
 def from_hf_main(argv=None) -> int:
@@ -85,11 +93,10 @@ def from_hf_main(argv=None) -> int:
     print(f"wrote {out} ({report.source_variant} -> {report.variant}"
           f"{', exact megasink config from megasink.json' if report.used_sidecar else ''})")
     if report.max_sink_weight is not None:
-        print(f"added sinks: largest sink attention weight {report.max_sink_weight:.3g}, "
-              f"largest logit change {report.max_logit_change:.3g}")
+        print(f"added sinks: largest sink attention weight {report.max_sink_weight:.3g}, {logit_change(report)}")
     if report.min_gate is not None:
         print(f"added gates: smallest gate {report.min_gate:.6g} (output projection scaled to match), "
-              f"largest logit change {report.max_logit_change:.3g}")
+              f"{logit_change(report)}")
     for note in report.notes:
         print(f"note: {note}")
     return 0

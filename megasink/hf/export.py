@@ -4,9 +4,11 @@ The directory holds ``config.json``, ``generation_config.json``, safetensors wei
 file, or shards plus ``model.safetensors.index.json`` above ``max_shard_bytes``), the
 tokenizer the model was trained with when one is known (``megasink.hf.tokenizer``), and
 ``megasink.json`` (the megasink config and shared heads, so that importing the directory
-back restores the checkpoint exactly). Vanilla models are stock ``LlamaForCausalLM``; sink
-and gated models carry ``configuration_megasink.py`` and ``modeling_megasink.py`` and an
-``auto_map`` (load with ``trust_remote_code=True``).
+back restores the checkpoint exactly). Vanilla models are their family's stock class
+(``model.hf_family``: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+``Qwen3ForCausalLM``, mapping.ARCHITECTURES); sink and gated models carry
+``configuration_megasink.py`` and ``modeling_megasink.py`` and an ``auto_map`` (load with
+``trust_remote_code=True``).
 
 Our checkpoints hold full tensors whatever tp/pp/ZeRO layout wrote them, so "gathering" a
 layout is ``megasink.load_checkpoint``.

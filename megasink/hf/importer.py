@@ -58,7 +58,8 @@ class ImportReport:
     unused_tensors: list = field(default_factory=list)
     max_sink_weight: Optional[float] = None  # sink added: largest sink softmax weight seen
     min_gate: Optional[float] = None  # gates added: smallest gate seen
-    max_logit_change: Optional[float] = None  # added gates vs the same model without them
+    max_logit_change: Optional[float] = None  # added gates: largest |logit change| vs the model without them
+    max_logit: Optional[float] = None  # added gates: largest |logit| of the model without them (same tokens)
     notes: list = field(default_factory=list)
 
 
@@ -128,11 +129,26 @@ def _sidecar_config(hf_dir: Path, hf_cfg: dict) -> Optional[tuple[Config, list]]
     data = json.loads(path.read_text())
     cfg = config_from_dict(data["config"], str(path))
     theirs = mapping.model_config_from_hf(hf_cfg)
-    for key in ("attention", "n_layers", "n_heads", "kv_heads", "d_model", "ffn_dim", "vocab_size",
-                "tie_embeddings", "rope_theta", "norm_eps"):
+    for key in ("attention", "n_layers", "n_heads", "kv_heads", "d_model", "head_dim", "ffn_dim", "vocab_size",
+                "tie_embeddings", "rope_theta", "rope_scaling", "rope_factor", "norm_eps", "qkv_bias", "qk_norm",
+                "sliding_window", "hf_family"):
         if getattr(theirs, key) != getattr(cfg.model, key):
             return None  # the directory was changed since export: trust config.json
     return cfg, data.get("shared_heads", [])
+
+
+def _default_seq_len(m, report: Optional[ImportReport]) -> None:
+    """model.seq_len when --seq-len is not given: max_position_embeddings, at most DEFAULT_SEQ_LEN_CAP and
+    at most the sliding window (where megasink's whole-sequence attention is the source's)."""
+    caps = [(DEFAULT_SEQ_LEN_CAP, "")]
+    if m.sliding_window:
+        caps.append((m.sliding_window, ", the sliding window"))
+    cap, why = min(caps)
+    if m.seq_len > cap:
+        if report:
+            report.notes.append(f"model.seq_len set to {cap}{why} (max_position_embeddings is {m.seq_len}; pass "
+                                "--seq-len to choose)")
+        m.seq_len = cap
 
 
 def build_config(hf_dir: str | os.PathLike, hf_cfg: dict, attention: Optional[str] = None,
@@ -156,11 +172,8 @@ def build_config(hf_dir: str | os.PathLike, hf_cfg: dict, attention: Optional[st
         if target == "gated" and src == "vanilla":
             overrides["gate_bias_init"] = float(gate_bias_init)
         model_cfg = mapping.model_config_from_hf(hf_cfg, where, **overrides)
-        if seq_len is None and model_cfg.seq_len > DEFAULT_SEQ_LEN_CAP:
-            if report:
-                report.notes.append(f"model.seq_len set to {DEFAULT_SEQ_LEN_CAP} (max_position_embeddings is "
-                                    f"{model_cfg.seq_len}; pass --seq-len to choose)")
-            model_cfg.seq_len = DEFAULT_SEQ_LEN_CAP
+        if seq_len is None:
+            _default_seq_len(model_cfg, report)
         cfg = Config(model=model_cfg)
     if seq_len is not None:
         cfg.model.seq_len = seq_len
@@ -239,9 +252,11 @@ def _calibration_batch(vocab_size: int, seq_len: int, seed: int = 0) -> tuple[to
 
 
 def _added_params(model) -> list:
-    """The (name, parameter) pairs a conversion added: every layer's sinks or gate biases."""
-    suffix = "sinks" if model.cfg.attention == "sink" else "gate_bias"
-    return [(n, p) for n, p in model.named_parameters() if n.endswith(suffix)]
+    """The tensors a conversion added, one (nh,) per layer: the sinks, or the gate biases (a view of wq's
+    bias with q/k/v biases: writing it writes the parameter)."""
+    if model.cfg.attention == "sink":
+        return [layer.attention.sinks for layer in model.layers.values()]
+    return [layer.attention.head_gate_bias() for layer in model.layers.values()]
 
 
 def _head_min_gates(attention, inputs) -> torch.Tensor:
@@ -313,17 +328,19 @@ def check_added_gates(model, report: ImportReport) -> None:
     lowest = float(min_gates(model).min())
     added = _added_params(model)
     wos = [layer.attention.wo.weight for layer in model.layers.values()]
-    saved = [p.detach().clone() for _, p in added] + ([w.detach().clone() for w in wos] if gated else [])
+    saved = [p.detach().clone() for p in added] + ([w.detach().clone() for w in wos] if gated else [])
     batch = _calibration_batch(model.cfg.vocab_size, model.cfg.seq_len)
     logits = model(*batch).logits
     try:
-        for (_, p), w in zip(added, wos):
+        for p, w in zip(added, wos):
             if gated:  # wo (d, nh * hd): each head's columns times its gate at the start
                 w.mul_(torch.sigmoid(p).repeat_interleave(w.shape[1] // p.numel())[None, :])
             p.fill_(float("inf") if gated else float("-inf"))
-        report.max_logit_change = (logits - model(*batch).logits).abs().max().item()
+        reference = model(*batch).logits
+        report.max_logit_change = (logits - reference).abs().max().item()
+        report.max_logit = reference.abs().max().item()
     finally:
-        for t, s in zip([p for _, p in added] + (wos if gated else []), saved):
+        for t, s in zip(added + (wos if gated else []), saved):
             t.copy_(s)
     if gated:
         report.min_gate = lowest

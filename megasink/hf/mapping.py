@@ -1,4 +1,5 @@
-"""Name and config mappings between megasink's Transformer and Llama-family Hugging Face models.
+"""Name and config mappings between megasink's Transformer and Llama-family Hugging Face models
+(Llama, Mistral, Qwen2, Qwen3: one weight layout; docs/design.md, "Models from Hugging Face").
 
     megasink                               Hugging Face (Llama layout)
     tok_embeddings.weight                  model.embed_tokens.weight
@@ -9,16 +10,21 @@
     layers.N.feed_forward.w1 / w3 / w2     model.layers.N.mlp.gate_proj / up_proj / down_proj
     norm.weight                            model.norm.weight
     output.weight                          lm_head.weight (absent when the embeddings are tied)
+    layers.N.attention.wq / wk / wv.bias   model.layers.N.self_attn.q_proj / k_proj / v_proj.bias (Qwen2)
+    layers.N.attention.q_norm / k_norm     model.layers.N.self_attn.q_norm / k_norm.weight        (Qwen3)
     layers.N.attention.sinks               model.layers.N.self_attn.sinks            (sink)
     wq's gate rows, gate_bias              model.layers.N.self_attn.head_gate.weight / .bias (gated)
 
 Gated attention: megasink's wq has hd + 1 rows per head, (nh, hd + 1, d); the first hd rows
 of each head are its query, the last its gate logit. HF splits them into q_proj (nh * hd, d)
-and head_gate (nh, d) with the gate bias as head_gate.bias. Both directions are exact copies.
+and head_gate (nh, d) with the gate bias as head_gate.bias. With q/k/v biases, wq's bias has the
+same per-head layout, (nh, hd + 1): its last entry per head is the gate bias. Both directions are
+exact copies.
 
-RoPE (rotate-half), RMSNorm and SwiGLU are the same functions in both, so a vanilla model
-is a stock ``LlamaForCausalLM``; sink and gated models use the modeling code in
-``megasink/hf/remote/`` shipped with the export.
+RoPE (rotate-half, with linear or llama3 frequency scaling), RMSNorm and SwiGLU are the same
+functions in both, so a vanilla model is its family's stock class (``model.hf_family``: Llama,
+Mistral, Qwen2 or Qwen3); sink and gated models use the modeling code in ``megasink/hf/remote/``
+shipped with the export.
 """
 from __future__ import annotations
 
@@ -26,15 +32,19 @@ from typing import Iterator, Optional
 
 import torch
 
-from megasink.config import ModelConfig
+from megasink.config import HF_FAMILIES, ModelConfig
 
 REMOTE_MODEL_TYPE = "megasink"
 AUTO_MAP = {
     "AutoConfig": "configuration_megasink.MegasinkConfig",
     "AutoModelForCausalLM": "modeling_megasink.MegasinkForCausalLM",
 }
-# model_type -> family name used in messages; all share the Llama weight layout.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", REMOTE_MODEL_TYPE)
+# model.hf_family -> the stock transformers class of a vanilla export (the family is its model_type)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+assert set(ARCHITECTURES) == set(HF_FAMILIES), "config.HF_FAMILIES and mapping.ARCHITECTURES disagree"
+SUPPORTED_MODEL_TYPES = (*HF_FAMILIES, REMOTE_MODEL_TYPE)
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}  # HF rope_type -> model.rope_scaling
 
 _LAYER_MAP = {  # megasink suffix -> HF suffix, per layer, for every variant
     "attention_norm.weight": "input_layernorm.weight",
@@ -60,12 +70,37 @@ class UnsupportedModelError(ValueError):
 # --------------------------------------------------------------------------- megasink -> HF
 
 
+def _rope_parameters(m: ModelConfig) -> dict:
+    """HF rope_parameters of model config ``m`` (rope_type default, linear or llama3)."""
+    params = {"rope_type": {v: k for k, v in ROPE_TYPES.items()}[m.rope_scaling], "rope_theta": m.rope_theta}
+    if m.rope_scaling != "none":
+        params["factor"] = m.rope_factor
+    if m.rope_scaling == "llama3":
+        params.update(low_freq_factor=m.rope_low_freq_factor, high_freq_factor=m.rope_high_freq_factor,
+                      original_max_position_embeddings=m.rope_original_seq_len)
+    return params
+
+
+def _family_keys(m: ModelConfig) -> dict:
+    """config.json keys of a vanilla export's family (model.hf_family), beyond the common ones."""
+    if m.hf_family == "mistral":
+        return {"sliding_window": m.sliding_window or None}
+    if m.hf_family == "qwen2":  # q/k/v biases are built in; no sliding-window layers
+        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layers}
+    if m.hf_family == "qwen3":  # QK-norm is built in; attention_bias would bias o_proj too
+        return {"attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+                "max_window_layers": m.n_layers}
+    return {"attention_bias": False, "mlp_bias": False}  # llama
+
+
 def hf_config_dict(m: ModelConfig, token_ids: Optional[dict] = None, dtype: str = "float32") -> dict:
-    """config.json contents for model config ``m`` (Llama for vanilla, megasink remote code otherwise)."""
+    """config.json contents for model config ``m``: its family's stock model for vanilla, megasink
+    remote code (a Llama config plus megasink_* feature keys) for sink and gated."""
     token_ids = token_ids or {}
+    rope = _rope_parameters(m)
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[m.hf_family]],
+        "model_type": m.hf_family,
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
         "intermediate_size": m.ffn_dim,
@@ -76,12 +111,11 @@ def hf_config_dict(m: ModelConfig, token_ids: Optional[dict] = None, dtype: str 
         "hidden_act": "silu",
         "max_position_embeddings": m.seq_len,
         "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta,  # transformers 4.x reads this ...
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},  # ... and 5.x this
+        "rope_theta": m.rope_theta,  # transformers 4.x reads this (and rope_scaling) ...
+        "rope_scaling": rope if m.rope_scaling != "none" else None,
+        "rope_parameters": rope,  # ... and 5.x this
         "tie_word_embeddings": m.tie_embeddings,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": m.init_std,
         "use_cache": True,
         "bos_token_id": token_ids.get("bos_token_id"),
@@ -91,22 +125,28 @@ def hf_config_dict(m: ModelConfig, token_ids: Optional[dict] = None, dtype: str 
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if m.attention != "vanilla":
-        cfg.update(architectures=["MegasinkForCausalLM"], model_type=REMOTE_MODEL_TYPE,
-                   megasink_attention=m.attention, auto_map=dict(AUTO_MAP))
+    if m.attention == "vanilla":
+        cfg.update(_family_keys(m))
+    else:
+        cfg.update(architectures=["MegasinkForCausalLM"], model_type=REMOTE_MODEL_TYPE, auto_map=dict(AUTO_MAP),
+                   attention_bias=False, mlp_bias=False, megasink_attention=m.attention,
+                   megasink_hf_family=m.hf_family, megasink_qkv_bias=m.qkv_bias, megasink_qk_norm=m.qk_norm,
+                   sliding_window=m.sliding_window or None)
     return cfg
 
 
 def _split_gated_wq(wq: torch.Tensor, n_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nh * (hd + 1), d) -> q (nh * hd, d), gate rows (nh, d)."""
-    w = wq.view(n_heads, head_dim + 1, -1)  # (nh, hd + 1, d)
-    return w[:, :head_dim].reshape(n_heads * head_dim, -1), w[:, head_dim]
+    """wq's weight (nh * (hd + 1), d) or bias (nh * (hd + 1),) -> q part (nh * hd, ...), gate part (nh, ...)."""
+    rest = wq.shape[1:]
+    w = wq.view(n_heads, head_dim + 1, *rest)  # (nh, hd + 1, ...)
+    return w[:, :head_dim].reshape(n_heads * head_dim, *rest), w[:, head_dim]
 
 
 def _join_gated_wq(q: torch.Tensor, gate: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """q (nh * hd, d), gate rows (nh, d) -> (nh * (hd + 1), d) in megasink's per-head layout."""
-    w = torch.cat([q.view(n_heads, head_dim, -1), gate[:, None, :]], dim=1)  # (nh, hd + 1, d)
-    return w.reshape(n_heads * (head_dim + 1), -1)
+    """q part (nh * hd, ...), gate part (nh, ...) -> (nh * (hd + 1), ...) in megasink's per-head layout."""
+    rest = q.shape[1:]
+    w = torch.cat([q.view(n_heads, head_dim, *rest), gate.view(n_heads, 1, *rest)], dim=1)  # (nh, hd + 1, ...)
+    return w.reshape(n_heads * (head_dim + 1), *rest)
 
 
 def to_hf_tensors(sd: dict, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -116,19 +156,31 @@ def to_hf_tensors(sd: dict, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
             continue
         yield hf_key, sd[key]
     for i in range(m.n_layers):
-        pre, hf_pre = f"layers.{i}.", f"model.layers.{i}."
+        pre, hf_pre = f"layers.{i}.attention.", f"model.layers.{i}."
         for key, hf_key in _LAYER_MAP.items():
-            yield hf_pre + hf_key, sd[pre + key]
-        wq = sd[pre + "attention.wq.weight"]
+            yield hf_pre + hf_key, sd[f"layers.{i}.{key}"]
+        attn = hf_pre + "self_attn."
+        wq, bq = sd[pre + "wq.weight"], sd.get(pre + "wq.bias")
         if m.attention == "gated":
             q, gate = _split_gated_wq(wq, m.n_heads, m.head_dim)
-            yield hf_pre + "self_attn.q_proj.weight", q
-            yield hf_pre + "self_attn.head_gate.weight", gate
-            yield hf_pre + "self_attn.head_gate.bias", sd[pre + "attention.gate_bias"]
+            yield attn + "q_proj.weight", q
+            yield attn + "head_gate.weight", gate
+            if m.qkv_bias:
+                bq, gate_bias = _split_gated_wq(bq, m.n_heads, m.head_dim)
+            else:
+                gate_bias = sd[pre + "gate_bias"]
+            yield attn + "head_gate.bias", gate_bias
         else:
-            yield hf_pre + "self_attn.q_proj.weight", wq
+            yield attn + "q_proj.weight", wq
+        if m.qkv_bias:
+            yield attn + "q_proj.bias", bq
+            yield attn + "k_proj.bias", sd[pre + "wk.bias"]
+            yield attn + "v_proj.bias", sd[pre + "wv.bias"]
+        if m.qk_norm:
+            yield attn + "q_norm.weight", sd[pre + "q_norm.weight"]
+            yield attn + "k_norm.weight", sd[pre + "k_norm.weight"]
         if m.attention == "sink":
-            yield hf_pre + "self_attn.sinks", sd[pre + "attention.sinks"]
+            yield attn + "sinks", sd[pre + "sinks"]
 
 
 # --------------------------------------------------------------------------- HF -> megasink
@@ -139,19 +191,74 @@ def _get(hf_cfg: dict, key: str, default=None):
     return default if value is None else value
 
 
-def _rope(hf_cfg: dict, where: str) -> float:
-    """rope_theta of a config with default (unscaled, full-head) RoPE; anything else is an error."""
-    params = hf_cfg.get("rope_parameters") or hf_cfg.get("rope_scaling") or {}
+def hf_family(hf_cfg: dict) -> str:
+    """The family (model.hf_family) of a checked config: its model_type, or a megasink export's record."""
+    mt = hf_cfg.get("model_type")
+    return hf_cfg.get("megasink_hf_family", "llama") if mt == REMOTE_MODEL_TYPE else mt
+
+
+def _rope(hf_cfg: dict, where: str) -> dict:
+    """The model.rope_* fields of a config with default, linear or llama3 RoPE on whole heads; anything
+    else is refused by name. rope_scaling (transformers 4.x, and the Hub's Llama 3.1 files) wins over
+    rope_parameters, as in transformers."""
+    params = hf_cfg.get("rope_scaling") or hf_cfg.get("rope_parameters") or {}
     params = params if isinstance(params, dict) else {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
+    if any(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedModelError(f"{where}: RoPE parameters per layer type ({sorted(params)}) are not supported: "
+                                    "megasink uses one RoPE for every layer")
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(
-            f"{where}: RoPE type {rope_type!r} ({params}) is not supported: megasink implements plain "
-            "RoPE only (rope_type 'default'); convert a model without RoPE scaling")
+            f"{where}: RoPE type {rope_type!r} ({params}) is not supported: megasink implements "
+            f"{', '.join(ROPE_TYPES)} (model.rope_scaling); convert a model with one of those")
     partial = params.get("partial_rotary_factor", hf_cfg.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
         raise UnsupportedModelError(f"{where}: partial_rotary_factor={partial}; megasink rotates whole heads")
-    return float(params.get("rope_theta") or _get(hf_cfg, "rope_theta", 10000.0))
+    out = {"rope_theta": float(params.get("rope_theta") or _get(hf_cfg, "rope_theta", 10000.0)),
+           "rope_scaling": ROPE_TYPES[rope_type]}
+    try:
+        if rope_type != "default":
+            out["rope_factor"] = float(params["factor"])
+        if rope_type == "llama3":
+            out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                       rope_high_freq_factor=float(params["high_freq_factor"]),
+                       rope_original_seq_len=int(params.get("original_max_position_embeddings")
+                                                 or hf_cfg["max_position_embeddings"]))
+    except KeyError as e:
+        raise UnsupportedModelError(f"{where}: RoPE type {rope_type!r} without its parameter {e}") from e
+    return out
+
+
+def _sliding_window(hf_cfg: dict, where: str) -> int:
+    """Mistral's model-wide window (0: none), recorded as model.sliding_window; sliding windows on some
+    layers (Qwen2 / Qwen3 use_sliding_window, layer_types) are refused by name."""
+    if hf_family(hf_cfg) == "mistral":
+        return int(_get(hf_cfg, "sliding_window", 0))
+    types = hf_cfg.get("layer_types")
+    sliding = any(t != "full_attention" for t in types) if types else _get(hf_cfg, "use_sliding_window", False)
+    if sliding:
+        raise UnsupportedModelError(
+            f"{where}: sliding-window attention on some layers (use_sliding_window / layer_types) is not supported: "
+            "megasink attends to the whole causal context (only Mistral's model-wide sliding_window is accepted, "
+            "with model.seq_len at most the window); convert a config with use_sliding_window false")
+    return 0
+
+
+def _check_attention_extras(hf_cfg: dict, where: str, names: set) -> None:
+    """Biases and norms inside attention: q/k/v biases are Qwen2's, q/k norms Qwen3's; nothing else."""
+    family = hf_family(hf_cfg)
+    if _get(hf_cfg, "attention_bias", False) or any(n.endswith("o_proj.bias") for n in names):
+        raise UnsupportedModelError(
+            f"{where}: attention_bias=true (biases on q/k/v and on o_proj) is not supported: megasink's output "
+            "projection has no bias, and q/k/v biases only as the Qwen2 family has them (model.qkv_bias)")
+    if family != "qwen2" and any(n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for n in names):
+        raise UnsupportedModelError(f"{where}: q/k/v biases in a {family} checkpoint; megasink reads them only "
+                                    "from Qwen2-family models (model.qkv_bias)")
+    if family != "qwen3" and any(n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for n in names):
+        raise UnsupportedModelError(f"{where}: per-head q/k norms (QK-norm) in a {family} checkpoint; megasink reads "
+                                    "them only from Qwen3-family models (model.qk_norm)")
+    if _get(hf_cfg, "mlp_bias", False):
+        raise UnsupportedModelError(f"{where}: mlp_bias=true; megasink's SwiGLU has no biases")
 
 
 def check_supported(hf_cfg: dict, where: str, weight_names=()) -> None:
@@ -164,39 +271,17 @@ def check_supported(hf_cfg: dict, where: str, weight_names=()) -> None:
     missing = [k for k in _REQUIRED_KEYS if hf_cfg.get(k) is None]
     if missing:
         raise UnsupportedModelError(f"{where}: config.json lacks {', '.join(missing)}")
-    names = set(weight_names)
-    if mt == "qwen3" or any(n.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for n in names):
-        raise UnsupportedModelError(
-            f"{where}: this checkpoint normalises queries and keys per head (q_norm / k_norm, 'QK-norm', as "
-            "Qwen3 does); megasink's attention has no QK-norm, so the model cannot be represented. "
-            "Missing feature: QK-norm in megasink/model/attention.py")
-    if mt == "qwen2" or _get(hf_cfg, "attention_bias", False) or any(
-            n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")) for n in names):
-        raise UnsupportedModelError(
-            f"{where}: this checkpoint has biases on the attention projections (q/k/v_proj.bias, as Qwen2 "
-            "has); megasink's attention projections have no bias. Missing feature: attention "
-            "projection biases in megasink/model/attention.py")
-    if _get(hf_cfg, "mlp_bias", False):
-        raise UnsupportedModelError(f"{where}: mlp_bias=true; megasink's SwiGLU has no biases")
-    act = _get(hf_cfg, "hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"{where}: hidden_act={act!r}; megasink's SwiGLU uses silu")
-    sliding = (_get(hf_cfg, "use_sliding_window", False)
-               or (mt == "mistral" and hf_cfg.get("sliding_window") is not None)
-               or any(t != "full_attention" for t in (hf_cfg.get("layer_types") or [])))
-    if sliding:
-        raise UnsupportedModelError(
-            f"{where}: sliding-window attention (use_sliding_window / sliding_window / layer_types) is not "
-            "supported: megasink attends to the whole causal context")
-    heads, hidden = hf_cfg["num_attention_heads"], hf_cfg["hidden_size"]
-    head_dim = _get(hf_cfg, "head_dim", hidden // heads)
-    if head_dim * heads != hidden:
-        raise UnsupportedModelError(
-            f"{where}: head_dim={head_dim} with {heads} heads != hidden_size={hidden}; megasink derives "
-            "head_dim = d_model / n_heads. Missing feature: an explicit head_dim")
     if mt == REMOTE_MODEL_TYPE and hf_cfg.get("megasink_attention") not in ("sink", "gated"):
         raise UnsupportedModelError(f"{where}: megasink_attention={hf_cfg.get('megasink_attention')!r} "
                                     "is not sink or gated")
+    if hf_family(hf_cfg) not in HF_FAMILIES:
+        raise UnsupportedModelError(f"{where}: megasink_hf_family={hf_family(hf_cfg)!r}; allowed: "
+                                    f"{', '.join(HF_FAMILIES)}")
+    _check_attention_extras(hf_cfg, where, set(weight_names))
+    act = _get(hf_cfg, "hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"{where}: hidden_act={act!r}; megasink's SwiGLU uses silu")
+    _sliding_window(hf_cfg, where)
     _rope(hf_cfg, where)
 
 
@@ -207,21 +292,28 @@ def source_variant(hf_cfg: dict) -> str:
 
 def model_config_from_hf(hf_cfg: dict, where: str = "config.json", **overrides) -> ModelConfig:
     """megasink ModelConfig equivalent to a (checked) Llama-family HF config, plus overrides."""
-    heads = hf_cfg["num_attention_heads"]
+    heads, hidden = hf_cfg["num_attention_heads"], hf_cfg["hidden_size"]
     kv = _get(hf_cfg, "num_key_value_heads", heads)
+    head_dim = _get(hf_cfg, "head_dim", hidden // heads)
+    family = hf_family(hf_cfg)
     fields = dict(
         attention=source_variant(hf_cfg),
         n_layers=hf_cfg["num_hidden_layers"],
         n_heads=heads,
         n_kv_heads=0 if kv == heads else kv,
-        d_model=hf_cfg["hidden_size"],
+        d_model=hidden,
+        d_head=0 if head_dim * heads == hidden else head_dim,
         d_ff=hf_cfg["intermediate_size"],
         vocab_size=hf_cfg["vocab_size"],
         seq_len=_get(hf_cfg, "max_position_embeddings", 2048),
-        rope_theta=_rope(hf_cfg, where),
+        **_rope(hf_cfg, where),
         norm_eps=float(_get(hf_cfg, "rms_norm_eps", 1e-6)),
         tie_embeddings=bool(_get(hf_cfg, "tie_word_embeddings", False)),
         init_std=float(_get(hf_cfg, "initializer_range", 0.02)),
+        qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        sliding_window=_sliding_window(hf_cfg, where),
+        hf_family=family,
     )
     fields.update(overrides)
     return ModelConfig(**fields)
@@ -249,24 +341,32 @@ def from_hf_tensors(hf_sd: dict, m: ModelConfig, src_variant: str, where: str = 
     if not m.tie_embeddings:
         out["output.weight"] = take("lm_head.weight") if "lm_head.weight" in hf_sd else out["tok_embeddings.weight"]
     for i in range(m.n_layers):
-        pre, hf_pre = f"layers.{i}.", f"model.layers.{i}."
+        pre, attn = f"layers.{i}.attention.", f"model.layers.{i}.self_attn."
         for key, hf_key in _LAYER_MAP.items():
-            out[pre + key] = take(hf_pre + hf_key)
-        q = take(hf_pre + "self_attn.q_proj.weight")
+            out[f"layers.{i}.{key}"] = take(f"model.layers.{i}.{hf_key}")
+        q = take(attn + "q_proj.weight")
+        bq = take(attn + "q_proj.bias") if m.qkv_bias else None
         if m.attention == "gated":
             if src_variant == "gated":
-                gate_w = take(hf_pre + "self_attn.head_gate.weight")
-                out[pre + "attention.gate_bias"] = take(hf_pre + "self_attn.head_gate.bias")
+                gate_w, gate_b = take(attn + "head_gate.weight"), take(attn + "head_gate.bias")
+            else:  # added gates: sigmoid(b) everywhere, wo divided by it
+                gate_w, gate_b = torch.zeros(m.n_heads, m.d_model), torch.full((m.n_heads,), float(m.gate_bias_init))
+                out[pre + "wo.weight"] /= torch.sigmoid(torch.tensor(float(m.gate_bias_init))).item()
+            q = _join_gated_wq(q, gate_w, m.n_heads, m.head_dim)
+            if m.qkv_bias:  # the gate bias is wq's bias entry of each head's gate column
+                bq = _join_gated_wq(bq, gate_b, m.n_heads, m.head_dim)
             else:
-                gate_w = torch.zeros(m.n_heads, m.d_model)
-                out[pre + "attention.gate_bias"] = torch.full((m.n_heads,), float(m.gate_bias_init))
-                out[pre + "attention.wo.weight"] /= torch.sigmoid(torch.tensor(float(m.gate_bias_init))).item()
-            out[pre + "attention.wq.weight"] = _join_gated_wq(q, gate_w, m.n_heads, m.head_dim)
-        else:
-            out[pre + "attention.wq.weight"] = q
+                out[pre + "gate_bias"] = gate_b
+        out[pre + "wq.weight"] = q
+        if m.qkv_bias:
+            out[pre + "wq.bias"], out[pre + "wk.bias"], out[pre + "wv.bias"] = (
+                bq, take(attn + "k_proj.bias"), take(attn + "v_proj.bias"))
+        if m.qk_norm:
+            out[pre + "q_norm.weight"], out[pre + "k_norm.weight"] = take(attn + "q_norm.weight"), take(
+                attn + "k_norm.weight")
         if m.attention == "sink":
-            out[pre + "attention.sinks"] = (take(hf_pre + "self_attn.sinks") if src_variant == "sink"
-                                            else torch.full((m.n_heads,), float(m.sink_init)))
+            out[pre + "sinks"] = (take(attn + "sinks") if src_variant == "sink"
+                                  else torch.full((m.n_heads,), float(m.sink_init)))
     return out
 
 

@@ -13,8 +13,15 @@ Every head's output is scaled by a gate G[t, h] (docs/design.md, "The method"):
 per-head sums, (nh_local,), what importance.py needs. Head counts are inferred from the
 projection shapes (reshape with -1), so tensor parallelism only swaps in sharded linears and
 sharded sink/gate parameters.
+
+Source-model features (docs/design.md, "Models from Hugging Face"): ``qkv_bias`` gives q, k and v
+biases (Qwen2); with gated attention the gate bias is then wq's bias entry of the gate column (one
+parameter per idea, no separate ``gate_bias``). ``qk_norm`` normalises every query and key head
+over head_dim before RoPE (Qwen3).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,7 +29,7 @@ from torch import nn
 from megasink.config import ATTENTION_VARIANTS, ModelConfig
 from megasink.model.importance import gate_sum
 from megasink.model.kernels import SeqInfo, acc_dtype, attention_with_lse
-from megasink.model.layers import apply_rope
+from megasink.model.layers import RMSNorm, apply_rope
 
 
 def vanilla_gate(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, seq: SeqInfo, scale: float) -> torch.Tensor:
@@ -46,10 +53,12 @@ def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])
 
 
-def headwise_gate(gate_logits: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
-    """sigmoid(x . w_h + b_h). gate_logits (B, T, nh) -> (B, nh, T)."""
+def headwise_gate(gate_logits: torch.Tensor, gate_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """sigmoid(x . w_h + b_h). gate_logits (B, T, nh) -> (B, nh, T); gate_bias None: the logits
+    already carry it (wq's bias)."""
     acc = acc_dtype(gate_logits.dtype)
-    return torch.sigmoid(gate_logits.to(acc) + gate_bias.to(acc)).transpose(1, 2)
+    logits = gate_logits.to(acc) if gate_bias is None else gate_logits.to(acc) + gate_bias.to(acc)
+    return torch.sigmoid(logits).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -63,14 +72,29 @@ class Attention(nn.Module):
         # gated: each head's q block carries one extra column, its gate logit (hd + 1 per head),
         # so splitting the q projection by head keeps every gate with its head.
         self.q_cols = cfg.head_dim + (1 if self.variant == "gated" else 0)
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.q_cols, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.q_cols, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         if self.variant == "sink":
             self.sinks = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.sink_init)))
-        if self.variant == "gated":
+        if self.variant == "gated" and not cfg.qkv_bias:
             self.gate_bias = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_bias_init)))
+        if cfg.qkv_bias:
+            with torch.no_grad():
+                for w in (self.wq, self.wk, self.wv):
+                    w.bias.zero_()
+                if self.variant == "gated":
+                    self.head_gate_bias().fill_(float(cfg.gate_bias_init))
+
+    def head_gate_bias(self) -> torch.Tensor:
+        """(nh_local,) each head's gate bias b_h (gated): ``gate_bias``, or with q/k/v biases the gate
+        column's entry of wq's bias (a view: writing it writes the parameter)."""
+        if self.wq.bias is None:
+            return self.gate_bias
+        return self.wq.bias.view(-1, self.q_cols)[:, self.head_dim]  # (nh_local, hd + 1) -> gate column
 
     def forward(self, x, cos, sin, seq: SeqInfo, backend: str, weights=None, *, gate_grad: bool = True,
                 measure: bool = True):
@@ -89,6 +113,8 @@ class Attention(nn.Module):
         q = q[..., :hd]
         k = self.wk(x).view(B, T, -1, hd)  # (B, T, nkv, hd)
         v = self.wv(x).view(B, T, -1, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
         if self.variant == "vanilla":
@@ -99,7 +125,7 @@ class Attention(nn.Module):
             if self.variant == "sink":
                 gate = sink_gate(lse, self.sinks)
             else:
-                gate = headwise_gate(gate_logits, self.gate_bias)
+                gate = headwise_gate(gate_logits, None if self.wq.bias is not None else self.gate_bias)
             out = out * gate[..., None].to(out.dtype)
             g = gate if weights is None else gate_sum(gate, weights)
         y = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)

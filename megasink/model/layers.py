@@ -1,9 +1,20 @@
 """Building blocks of the Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim in fp32 (fp64 stays fp64), back in x's dtype, times the weight (as
+    Llama and Qwen)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xhat.to(x.dtype) * weight
 
 
 class RMSNorm(nn.Module):
@@ -13,20 +24,50 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x / rms(x) in fp32 (fp64 stays fp64), back in x's dtype, times the weight (as Llama)."""
-        acc = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(acc)
-        xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xhat.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def scale_rope_frequencies(inv_freq: torch.Tensor, scaling: str, factor: float = 1.0, low_freq_factor: float = 1.0,
+                           high_freq_factor: float = 4.0, original_seq_len: int = 8192) -> torch.Tensor:
+    """RoPE frequency scaling (model.rope_scaling), the one dispatch:
+
+    - none:   unchanged.
+    - linear: every frequency / factor (positions interpolated by the factor).
+    - llama3: Llama 3.1's: wavelengths 2 pi / f above original_seq_len / low_freq_factor are divided
+              by factor, those below original_seq_len / high_freq_factor kept, and in between
+              interpolated with s = (original_seq_len / wavelength - low) / (high - low):
+              f' = (1 - s) f / factor + s f.
+    """
+    if scaling == "none":
+        return inv_freq
+    if scaling == "linear":
+        return inv_freq / factor
+    if scaling == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        low = torch.where(wavelen > original_seq_len / low_freq_factor, inv_freq / factor, inv_freq)
+        s = (original_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - s) * low / factor + s * low
+        medium = (wavelen >= original_seq_len / high_freq_factor) & (wavelen <= original_seq_len / low_freq_factor)
+        return torch.where(medium, smoothed, low)
+    raise ValueError(f"model.rope_scaling={scaling!r}; allowed: none, linear, llama3")
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in the Llama / Hugging Face layout (rotate the two halves of each head)."""
+    """RoPE in the Llama / Hugging Face layout (rotate the two halves of each head), with the
+    frequencies scaled by ``scale_rope_frequencies`` (keyword arguments: its parameters)."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: str = "none", **scaling_params):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq = scale_rope_frequencies(inv_freq, scaling, **scaling_params)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> "RotaryEmbedding":
+        """The rotary embedding of a ModelConfig (head_dim, rope_theta and the rope_* scaling fields)."""
+        return cls(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, factor=cfg.rope_factor,
+                   low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                   original_seq_len=cfg.rope_original_seq_len)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (int) -> cos, sin [B, T, head_dim / 2] (fp32), one per frequency."""

@@ -68,12 +68,26 @@ def needs_lse_grad(variant: str, gate_grad: bool) -> bool:
     return torch.is_grad_enabled() and (variant == "sink" or (variant == "vanilla" and gate_grad))
 
 
+def check_sliding_window(seq: SeqInfo, cfg: ModelConfig) -> None:
+    """Refuse documents longer than model.sliding_window: megasink attends to each whole document, which is
+    the source model's sliding-window attention only up to the window. Rows no longer than the window
+    pass without a host sync."""
+    window = cfg.sliding_window
+    if window and seq.shape[1] > window:
+        longest = int(seq.positions.max()) + 1
+        if longest > window:
+            raise ValueError(f"a document of {longest} tokens exceeds model.sliding_window={window}: megasink "
+                             "attends to whole documents, the source model's sliding-window attention only up to "
+                             f"its window; pass documents of at most {window} tokens")
+
+
 def run_blocks(blocks: nn.ModuleDict, h: torch.Tensor, seq: SeqInfo, rope: RotaryEmbedding, cfg: ModelConfig, *,
                gate_grad: bool, measure: bool, checkpointing: bool = False):
     """Run ``blocks`` (global index -> Block, in order) on h (B, T, d) -> (h, gate sums
     (L_run, H_local) or None when unmeasured, count ()). The one block runner: the whole model
     and each pipeline stage call it. ``gate_grad``: a loss differentiates the gates (the aux
     loss); ``measure``: someone reads them (see Attention.forward)."""
+    check_sliding_window(seq, cfg)
     gate_grad = gate_grad and torch.is_grad_enabled()
     backend = resolve_backend(cfg.attention_backend, h.device, needs_lse_grad(cfg.attention, gate_grad))
     seq.prepare(backend, h.dtype)  # the route's masks / offsets, once, before any (compiled) block
@@ -103,7 +117,7 @@ class Transformer(nn.Module):
         self.aux_cfg = aux_cfg or AuxLossConfig()
         self.activation_checkpointing = activation_checkpointing
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rope = RotaryEmbedding.from_config(cfg)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

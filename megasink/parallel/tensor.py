@@ -6,7 +6,9 @@ w2) split their input features and all-reduce the output. Each layer therefore d
 Megatron's two forward all-reduces (after wo, after w2) and its two backward ones (the
 gradients of the two norm outputs that feed column-parallel linears, ``CopiedNorm``), the
 embedding one more, and the vocabulary-parallel cross-entropy three small ones per token. Sink logits and gate biases
-live on the rank that owns their heads.
+live on the rank that owns their heads, as do the q/k/v biases (a column-parallel linear's bias is
+split with its rows). The per-head q/k norms (QK-norm) are replicated: each rank's weight
+gradient covers only its own heads, so it is all-reduced over TP (``HeadNorm``).
 
 Every sharded parameter carries ``tp_shard_dim`` (and DeepSpeed's ``tensor_model_parallel``)
 so checkpoints can be regathered and resliced (megasink/train/state.py).
@@ -22,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megasink.model.layers import RMSNorm
+from megasink.model.layers import RMSNorm, rms_norm
 from megasink.parallel.dims import ParallelDims
 
 
@@ -65,7 +67,8 @@ def _mark(p: nn.Parameter, dim: int) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T, W split by output features (rows of W).
+    """y_local = x W_local^T + b_local, W and its bias split by output features (rows of W, so a
+    head's bias stays with its head).
 
     ``copy_input=False``: the input already passed through CopyToTP once for all its
     consumers (a TP block's norm output), so its gradient is all-reduced there, once."""
@@ -76,9 +79,13 @@ class ColumnParallelLinear(nn.Module):
         self.copy_input = copy_input
         w = full.weight.detach().chunk(dims.tp, dim=0)[dims.tp_rank]  # (out/tp, in)
         self.weight = _mark(nn.Parameter(w.clone()), 0)
+        self.bias = None
+        if full.bias is not None:
+            b = full.bias.detach().chunk(dims.tp, dim=0)[dims.tp_rank]  # (out/tp,)
+            self.bias = _mark(nn.Parameter(b.clone()), 0)
 
     def forward(self, x):
-        return F.linear(CopyToTP.apply(x, self.group) if self.copy_input else x, self.weight)
+        return F.linear(CopyToTP.apply(x, self.group) if self.copy_input else x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -96,8 +103,8 @@ class RowParallelLinear(nn.Module):
 
 class ReplicatedHeadsLinear(nn.Module):
     """kv projection when there are fewer kv heads than TP ranks: the full weight on every
-    rank, each rank computing only the kv heads its query heads use. Every rank's weight
-    gradient is partial, so it is all-reduced over TP (CopyToTP on the weight)."""
+    rank, each rank computing only the kv heads its query heads use. Every rank's weight (and
+    bias) gradient is partial, so it is all-reduced over TP (CopyToTP on the weight)."""
 
     def __init__(self, full: nn.Linear, dims: ParallelDims, n_kv: int, n_q: int, head_dim: int,
                  copy_input: bool = True):
@@ -105,6 +112,7 @@ class ReplicatedHeadsLinear(nn.Module):
         self.group = dims.group("tp")
         self.copy_input = copy_input
         self.weight = nn.Parameter(full.weight.detach().clone())  # (n_kv * hd, in), replicated
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())  # (n_kv * hd,)
         q_local = n_q // dims.tp
         first_q = dims.tp_rank * q_local
         kv = first_q // (n_q // n_kv)  # the one kv head this rank's query heads share
@@ -112,7 +120,8 @@ class ReplicatedHeadsLinear(nn.Module):
 
     def forward(self, x):
         w = CopyToTP.apply(self.weight, self.group)[self.rows]
-        return F.linear(CopyToTP.apply(x, self.group) if self.copy_input else x, w)
+        b = None if self.bias is None else CopyToTP.apply(self.bias, self.group)[self.rows]
+        return F.linear(CopyToTP.apply(x, self.group) if self.copy_input else x, w, b)
 
 
 class CopiedNorm(RMSNorm):
@@ -128,6 +137,20 @@ class CopiedNorm(RMSNorm):
 
     def forward(self, x):
         return CopyToTP.apply(super().forward(x), self.group)
+
+
+class HeadNorm(RMSNorm):
+    """A replicated per-head norm (QK-norm) under TP: each rank normalises its own heads with the
+    same weight, so each weight gradient is a partial sum over heads, all-reduced over TP
+    (CopyToTP on the weight, as ReplicatedHeadsLinear). Same parameter (and name) as the norm."""
+
+    def __init__(self, norm: RMSNorm, dims: ParallelDims):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.group = dims.group("tp")
+
+    def forward(self, x):
+        return rms_norm(x, CopyToTP.apply(self.weight, self.group), self.eps)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -206,8 +229,10 @@ def _parallelize_attention(attn, cfg, dims: ParallelDims) -> None:
         args = (dims, cfg.kv_heads, cfg.n_heads, cfg.head_dim)
         attn.wk, attn.wv = (ReplicatedHeadsLinear(w, *args, copy_input=False) for w in (attn.wk, attn.wv))
     attn.wo = RowParallelLinear(attn.wo, dims)
+    if attn.q_norm is not None:
+        attn.q_norm, attn.k_norm = HeadNorm(attn.q_norm, dims), HeadNorm(attn.k_norm, dims)
     for name in ("sinks", "gate_bias"):
-        if hasattr(attn, name):
+        if getattr(attn, name, None) is not None:
             setattr(attn, name, _shard_head_param(getattr(attn, name), dims))
 
 

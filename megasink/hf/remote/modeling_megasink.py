@@ -12,7 +12,11 @@ attention is Llama (RMSNorm, rotate-half RoPE, SwiGLU, KV cache, generation); th
          token; ``sigmoid(logit)`` multiplies that head's attention output before ``o_proj``.
 
 Parameter names beyond Llama's: ``model.layers.N.self_attn.sinks`` (heads,) and
-``model.layers.N.self_attn.head_gate.{weight,bias}`` (heads, hidden) / (heads,).
+``model.layers.N.self_attn.head_gate.{weight,bias}`` (heads, hidden) / (heads,). Models converted
+from other families keep those families' attention features: q/k/v biases (Qwen2,
+``megasink_qkv_bias``), per-head q/k RMSNorm before RoPE (Qwen3, ``megasink_qk_norm``:
+``self_attn.q_norm`` / ``k_norm``), and a sliding window (Mistral), within which whole-context
+attention is the same function: longer contexts are refused.
 """
 from typing import Optional
 
@@ -83,6 +87,16 @@ class MegasinkAttention(LlamaAttention):
         if self.variant not in VARIANTS:
             raise ValueError(f"megasink_attention={self.variant!r}; allowed: {', '.join(VARIANTS)}")
         n_heads = config.num_attention_heads
+        if getattr(config, "megasink_qkv_bias", False):  # Qwen2: q/k/v biases, none on o_proj
+            self.q_proj = nn.Linear(config.hidden_size, n_heads * self.head_dim, bias=True)
+            kv_dim = config.num_key_value_heads * self.head_dim
+            self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=True)
+            self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=True)
+        self.q_norm = self.k_norm = None
+        if getattr(config, "megasink_qk_norm", False):  # Qwen3: RMSNorm per head over head_dim
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.sliding_window = getattr(config, "sliding_window", None)
         if self.variant == "sink":
             self.sinks = nn.Parameter(torch.zeros(n_heads))
         else:
@@ -104,14 +118,21 @@ class MegasinkAttention(LlamaAttention):
         cache = cache if cache is not None else past_key_values  # transformers 5.x / 4.x name
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, T, hd)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        query = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, nh, hd)
+        key = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, nkv, hd)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, n, T, hd)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
             key, value = cache.update(key, value, self.layer_idx, cache_kwargs)
+        if self.sliding_window and key.shape[2] > self.sliding_window:
+            raise ValueError(f"a context of {key.shape[2]} tokens exceeds sliding_window={self.sliding_window}: "
+                             "this model was trained with whole-context attention, which equals its source's "
+                             "sliding-window attention only up to the window; pass shorter contexts")
         out, weights = self._attention_function()(
             self, query, key, value, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
