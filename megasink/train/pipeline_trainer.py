@@ -57,11 +57,12 @@ class PipelineTrainer(Trainer):
             imp = imp_lib.importance(g_sums, g_count)
         aux_total = aux_stage.detach().clone().reshape(1)
         dist.all_reduce(aux_total, group=self.dims.group("pp"))  # every stage's layers' share
-        grad_norm = self.engine.get_global_grad_norm()
-        finite = math.isfinite(float(loss))
+        grad_norm = self.engine.get_global_grad_norm() if measure else None  # read when logged
+        loss, aux = torch.stack([torch.as_tensor(loss, device=aux_total.device).double().reshape(()),
+                                 aux_total[0].double()]).tolist()  # one host sync
+        finite = math.isfinite(loss)
         skipped = self.engine.skipped_steps > skipped_before or not finite
-        return StepResult(float(loss), float(aux_total), imp, not skipped,
-                          None if grad_norm is None else float(grad_norm), skipped)
+        return StepResult(loss, aux, imp, not skipped, None if grad_norm is None else float(grad_norm), skipped)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -115,9 +115,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batches, measure: bool = True) -> StepResult:
-        """One optimizer step over this rank's micro-batches. ``measure``: report importance (the
-        aux loss measures it anyway). One host synchronisation of its own, before the optimizer
-        step: the loss, aux loss and (ZeRO-0) gradient norm come to the host together."""
+        """One optimizer step over this rank's micro-batches. ``measure``: a logged step, which
+        reports importance (the aux loss measures it anyway) and the gradient norm. One host
+        synchronisation of its own, before the optimizer step: the loss, aux loss and (ZeRO-0,
+        logged steps) gradient norm come to the host together (tests/test_host_syncs.py)."""
         A = len(batches)
         acc = _Statistics(aux=torch.zeros((), device=self.dims.device))
         if A > 1 and self.cfg.aux_loss.accumulation == "global" and self.cfg.aux_loss.coef > 0:
@@ -134,7 +135,7 @@ class Trainer:
             self.engine.backward(self._with_aux_grad(ce * weight, out, acc, A, measure))
             if i == A - 1:
                 zero0 = self.engine.zero_optimization_stage() == 0
-                loss, aux, grad_norm = self._step_values(lm_sum, n_targets, acc.aux, zero0)
+                loss, aux, grad_norm = self._step_values(lm_sum, n_targets, acc.aux, zero0 and measure)
                 finite = math.isfinite(loss)  # the same value on every rank
                 if not finite and zero0:
                     self.engine.zero_grad()  # ZeRO-0 has no overflow check: drop the update ourselves
@@ -142,7 +143,7 @@ class Trainer:
                 skipped_before = self.engine.skipped_steps
             self.engine.step()
         imp = imp_lib.importance(acc.sums, acc.count) if acc.sums is not None else None
-        if not zero0:
+        if not zero0 and measure:  # DeepSpeed's, read only when logged (a host sync)
             grad_norm = self.engine.get_global_grad_norm()
         skipped = self.engine.skipped_steps > skipped_before or not finite
         return StepResult(loss, aux, imp, finite and not skipped, None if grad_norm is None else float(grad_norm),
@@ -169,7 +170,8 @@ class Trainer:
 
     def _step_values(self, lm_sum, n_targets: torch.Tensor, aux: torch.Tensor, zero0: bool):
         """(LM loss: the mean over the global batch's target tokens, aux loss, gradient norm before
-        clipping (ZeRO-0 only; DeepSpeed reports it otherwise)), brought to the host in one sync."""
+        clipping when ``zero0`` (ZeRO-0; DeepSpeed reports it otherwise), else None), brought to the
+        host in one sync."""
         lm = torch.as_tensor(lm_sum, device=self.dims.device).detach().to(torch.float64).reshape(1).clone()
         if self.dims.dp > 1:
             dist.all_reduce(lm, group=self.dims.group("dp"))
