@@ -96,7 +96,7 @@ class MegasinkAttention(LlamaAttention):
         if getattr(config, "megasink_qk_norm", False):  # Qwen3: RMSNorm per head over head_dim
             self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.sliding_window = getattr(config, "sliding_window", None)
+        self.context_limit = getattr(config, "sliding_window", None)  # None: any length
         if self.variant == "sink":
             self.sinks = nn.Parameter(torch.zeros(n_heads))
         else:
@@ -129,8 +129,8 @@ class MegasinkAttention(LlamaAttention):
         if cache is not None:
             cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
             key, value = cache.update(key, value, self.layer_idx, cache_kwargs)
-        if self.sliding_window and key.shape[2] > self.sliding_window:
-            raise ValueError(f"a context of {key.shape[2]} tokens exceeds sliding_window={self.sliding_window}: "
+        if self.context_limit and key.shape[2] > self.context_limit:
+            raise ValueError(f"a context of {key.shape[2]} tokens exceeds sliding_window={self.context_limit}: "
                              "this model was trained with whole-context attention, which equals its source's "
                              "sliding-window attention only up to the window; pass shorter contexts")
         out, weights = self._attention_function()(
