@@ -76,7 +76,8 @@ def from_hf_main(argv=None) -> int:
                         f"(default {MAX_SINK_WEIGHT:g}); a given --sink-init above it is refused")
     p.add_argument("--tp", type=int, help="parallel.tp recorded in the config")
     p.add_argument("--pp", type=int, help="parallel.pp recorded in the config")
-    p.add_argument("--seq-len", type=int, help="model.seq_len (default: max_position_embeddings, at most 4096)")
+    p.add_argument("--seq-len", type=int, help="model.seq_len (default: max_position_embeddings, at most 4096 and at most a "
+                                           "Mistral model's sliding window, beyond which it is refused)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_CHECKPOINT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
