@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megasink.config import ROPE_SCALINGS, ModelConfig
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last dim in fp32 (fp64 stays fp64), back in x's dtype, times the weight (as
@@ -49,7 +51,7 @@ def scale_rope_frequencies(inv_freq: torch.Tensor, scaling: str, factor: float =
         smoothed = (1 - s) * low / factor + s * low
         medium = (wavelen >= original_seq_len / high_freq_factor) & (wavelen <= original_seq_len / low_freq_factor)
         return torch.where(medium, smoothed, low)
-    raise ValueError(f"model.rope_scaling={scaling!r}; allowed: none, linear, llama3")
+    raise ValueError(f"model.rope_scaling={scaling!r}; allowed: {', '.join(ROPE_SCALINGS)}")
 
 
 class RotaryEmbedding(nn.Module):
@@ -63,7 +65,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @classmethod
-    def from_config(cls, cfg) -> "RotaryEmbedding":
+    def from_config(cls, cfg: ModelConfig) -> "RotaryEmbedding":
         """The rotary embedding of a ModelConfig (head_dim, rope_theta and the rope_* scaling fields)."""
         return cls(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, factor=cfg.rope_factor,
                    low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
