@@ -263,3 +263,18 @@ def test_sentencepiece_export_encodes_as_the_model(tmp_path, docs):
     sp = spm.SentencePieceProcessor(model_file=spm_model)
     for encode in (load_encoder(spm_model), load_encoder(ckpt), load_encoder(out)):
         assert [encode(d) for d in docs] == [sp.encode(d) + [sp.eos_id()] for d in docs]
+
+
+
+def test_a_worker_imports_neither_torch_nor_transformers(tmp_path):
+    """A preprocessing worker loads only what it encodes with: torch or transformers would add seconds
+    to every worker's start (spawn), which counts against the throughput per worker."""
+    tok = load_tokenizer(data_hf_tokenizer("llama3"))
+    code = ("import sys\nfrom megasink.data.preprocess import _init_worker, _WORKER\n"
+            f"_init_worker({tok.worker_spec(str(tmp_path))!r}, None)\nprint(_WORKER['encode'](['Hello world']))\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    encoded, imported = r.stdout.strip().splitlines()
+    assert encoded == str(tok.encode_batch(["Hello world"]))
+    assert imported == "[]", f"a preprocessing worker imported {imported}"

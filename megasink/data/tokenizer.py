@@ -186,7 +186,7 @@ class Tokenizer:
         for wanted, token_id, name, flag in ((bos, self.bos_id, "BOS", "drop --prepend-bos"),
                                              (append_eos, self.eos_id, "EOS", "pass --no-eos")):
             if wanted and token_id is None:
-                fix = ("retrain it with an eos_id/bos_id" if self.kind == "sentencepiece"
+                fix = (f"retrain it with a {name.lower()}_id" if self.kind == "sentencepiece"
                        else f"set \"{name.lower()}_token\" in its tokenizer_config.json")
                 raise TokenizerError(f"tokenizer {self.path} defines no {name} token: {fix}, or {flag}")
         return (self.bos_id if bos else None), (self.eos_id if append_eos else None)
