@@ -160,7 +160,7 @@ def to_hf_tensors(sd: dict, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]
         for key, hf_key in _LAYER_MAP.items():
             yield hf_pre + hf_key, sd[f"layers.{i}.{key}"]
         attn = hf_pre + "self_attn."
-        wq, bq = sd[pre + "wq.weight"], sd.get(pre + "wq.bias")
+        wq, bq = sd[pre + "wq.weight"], sd[pre + "wq.bias"] if m.qkv_bias else None
         if m.attention == "gated":
             q, gate = _split_gated_wq(wq, m.n_heads, m.head_dim)
             yield attn + "q_proj.weight", q
