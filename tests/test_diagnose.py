@@ -189,6 +189,9 @@ def test_seq_len_defaults_to_the_trained_length_and_longer_windows_warn(tmp_path
     big = save_random_hf(transformers.LlamaForCausalLM, tiny_llama_config(max_position_embeddings=131072),
                          tmp_path / "big")
     assert trained_length(big)[0] == 131072 and default_seq_len(big) == 4096  # capped as convert_from_hf.py
+    mistral_cfg = transformers.MistralConfig(**{**tiny_llama_config().to_dict(), "sliding_window": 64})
+    windowed = save_random_hf(transformers.MistralForCausalLM, mistral_cfg, tmp_path / "mistral")
+    assert default_seq_len(windowed) == 64  # not beyond the window megasink's model refuses
 
 
 def test_help_shows_every_default(capsys):

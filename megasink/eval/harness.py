@@ -1,7 +1,7 @@
 """``megasink eval``: downstream evaluation with EleutherAI's lm-evaluation-harness.
 
 A megasink checkpoint (run, checkpoints/ or step directory; any training layout) is exported
-to a temporary Hugging Face directory (megasink/hf/export.py: vanilla as LlamaForCausalLM,
+to a temporary Hugging Face directory (megasink/hf/export.py: vanilla as its family's stock class,
 sink / gated with their modeling code, loaded with ``trust_remote_code``) and evaluated there
 with lm-eval's ``HFLM``, so every lm-eval task type works, generation included. An HF model
 directory is evaluated as it is.

@@ -123,11 +123,15 @@ def trained_length(path: str | os.PathLike) -> tuple[int, str]:
 
 def default_seq_len(path: str | os.PathLike) -> int:
     """Diagnosis' window when --seq-len is not given: the model's trained length; for an HF
-    directory capped as convert_from_hf.py caps it (a 128k-position model is not diagnosed at 128k)."""
+    directory capped as convert_from_hf.py caps it (a 128k-position model is not diagnosed at 128k,
+    a sliding-window model not beyond its window, which megasink's model refuses)."""
     from megasink.hf.importer import DEFAULT_SEQ_LEN_CAP
 
     n, _ = trained_length(path)
-    return min(n, DEFAULT_SEQ_LEN_CAP) if _is_hf_dir(path) else n
+    if not _is_hf_dir(path):
+        return n
+    window = json.loads((Path(path) / "config.json").read_text()).get("sliding_window") or n
+    return min(n, DEFAULT_SEQ_LEN_CAP, int(window))
 
 
 def load_model(path: str | os.PathLike):
