@@ -93,7 +93,8 @@ def own_encoders(kind: str, path: str) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     backend = tok.backend_tokenizer
     return {
-        "encode_batch_fast": lambda docs: sum(len(e.ids) for e in backend.encode_batch_fast(docs, add_special_tokens=False)),
+        "encode_batch_fast": lambda docs: sum(len(e.ids)
+                                              for e in backend.encode_batch_fast(docs, add_special_tokens=False)),
         "transformers": lambda docs: sum(map(len, tok(docs, add_special_tokens=False)["input_ids"])),
     }
 
@@ -294,12 +295,14 @@ def print_table(r: dict, args) -> None:
             cells = " | ".join(f"{k['own_tokens_per_s'][n] / k['own_tokens_per_s'][m]:.0%}" for m in names)
             print(f"| own batched encode: {n}, 1 thread | {k['own_tokens_per_s'][n]:,.0f} | {cells} |{blank} | | |")
         print(f"| {names[0]}, 2 processes at once | {k['own_2proc_tokens_per_s']:,.0f} | "
-              f"{k['own_2proc_vs_own'] / 2:.0%} |" + " |" * (2 * len(names) - 1) + f" {k['own_2proc_vs_own']:.2f}x | | |")
+              f"{k['own_2proc_vs_own'] / 2:.0%} |" + " |" * (2 * len(names) - 1)
+              + f" {k['own_2proc_vs_own']:.2f}x | | |")
         for w in args.workers:
             p = k[f"pipeline_{w}"]
             cells = " | ".join(f"{p['per_worker_vs_own'][n]:.0%}" for n in names)
             cpu = " | ".join(f"{p['cpu_vs_own'][n]:.0%}" for n in names)
-            print(f"| megasink pipeline, {w} worker{'s' if w > 1 else ''} | {p['tokens_per_s']:,.0f} | {cells} | {cpu} | "
+            print(f"| megasink pipeline, {w} worker{'s' if w > 1 else ''} | {p['tokens_per_s']:,.0f} | {cells} | "
+                  f"{cpu} | "
                   f"{p['vs_1_worker']:.2f}x | {p['busy']:.0%} | {p['in_worker_vs_own']:.0%} |")
     print()
     print("| loader (1 process, micro-batch %d) | tokens/s |" % args.micro_batch_size)

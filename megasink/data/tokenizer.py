@@ -179,7 +179,8 @@ class Tokenizer:
         """Ids of ``text``, without the tokenizer's own special tokens."""
         return self.encode_batch([text])[0]
 
-    def framing(self, prepend_bos: Optional[bool] = None, append_eos: bool = True) -> tuple[Optional[int], Optional[int]]:
+    def framing(self, prepend_bos: Optional[bool] = None,
+                append_eos: bool = True) -> tuple[Optional[int], Optional[int]]:
         """(id put before each document or None, id put after it or None). ``prepend_bos`` None:
         as the tokenizer's own encode does (``adds_bos``). Asking for a token it lacks is an error."""
         bos = self.adds_bos if prepend_bos is None else prepend_bos
@@ -285,8 +286,9 @@ def _auto_tokenizer(path: Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as e:  # transformers raises ValueError / OSError / KeyError for unusable directories
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"
         raise TokenizerError(f"tokenizer {path}: transformers' AutoTokenizer cannot load it from local files without "
-                             f"running the directory's own code ({type(e).__name__}: {' '.join(str(e).split())})") from e
+                             f"running the directory's own code ({why})") from e
     if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
         raise TokenizerError(f"tokenizer {path}: AutoTokenizer gave {type(tok).__name__}, not a fast tokenizer; "
                              "megasink needs tokenizer.json (save a fast tokenizer with save_pretrained)")

@@ -95,8 +95,10 @@ def find_tokenizer(ckpt_dir: Path, data_tokenizer: str = "", explicit: Optional[
     if explicit:
         tokenizer_kind(explicit)  # raises, naming the path, if it is no tokenizer
         return Path(explicit)
-    for candidate in (Path(ckpt_dir), Path(ckpt_dir) / HF_TOKENIZER_SUBDIR, Path(data_tokenizer) if data_tokenizer else None):
-        if candidate is not None and candidate.exists() and _is_tokenizer(candidate):
+    candidates = [Path(ckpt_dir), Path(ckpt_dir) / HF_TOKENIZER_SUBDIR]
+    candidates += [Path(data_tokenizer)] if data_tokenizer else []
+    for candidate in candidates:
+        if candidate.exists() and _is_tokenizer(candidate):
             return candidate
     return None
 
