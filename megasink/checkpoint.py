@@ -1,31 +1,45 @@
-"""Layout-independent checkpoints.
+"""Layout-independent checkpoints (docs/design.md, "File formats and contracts").
 
-A checkpoint is a directory ``checkpoints/step_N/``::
+A checkpoint is a directory ``checkpoints/step_N/`` in one of two formats, told apart by the
+files present. *Sharded* (training; ``manifest.json`` present): each rank wrote only what it
+owns (its ZeRO partition of the fp32 master weights and AdamW moments of its TP shard; without
+ZeRO, 1/dp of them) as 1-D pieces into ``model-rank{r}-of-{W}.safetensors`` and
+``optim-rank{r}-of-{W}.safetensors``; ``manifest.json``, written last, maps each tensor to its
+pieces::
 
-    config.yaml          the resolved Config of the run
-    model.safetensors    full (unsharded) fp32 weights, keyed like Transformer.state_dict()
-                         (with pipeline stages: model-stageK-of-P.safetensors, one per stage)
-    optim.safetensors    full AdamW moments: "exp_avg/<name>", "exp_avg_sq/<name>" (training only)
-    state.json           step, scheduler, data loader position, counters, optimizer step
-    rng_rank{r}.pt       per-rank RNG states (loaded only under the same world size)
-    tokenizer.model      the sentencepiece model, when the run has one
+    {"format": "megasink-sharded", "version": 1, "step": N, "layout": {"tp", "pp", "dp", "zero"},
+     "files": {file: bytes},
+     "tensors": {"model" | "exp_avg" | "exp_avg_sq": {<Transformer state_dict name>:
+         {"shape": full shape, "dtype": "F32", "split": {"dim": d, "sizes": [...]} | null,
+          "pieces": [{"file", "key", "part", "start", "numel"}]}}}}
 
-Full tensors, whatever the tp/pp/dp/ZeRO layout that wrote them, so a checkpoint loads
-under any other layout (each rank slices what it owns). The directory is written as
-``step_N.tmp`` and renamed when complete; ``checkpoints/latest`` (a text file with the
-directory name) is replaced atomically last. A crash at any point leaves ``latest`` naming
-the previous complete checkpoint.
+A piece holds elements [start, start + numel) of TP part ``part`` (the ``torch.chunk`` of the
+full tensor along ``split.dim`` that TP rank held), flattened. *Unsharded* (converters'
+weights-only checkpoints, and training checkpoints written before sharding): full tensors in
+``model.safetensors`` (per pipeline stage ``model-stageK-of-P.safetensors``) and
+``optim.safetensors`` ("exp_avg/<name>", "exp_avg_sq/<name>"). Both carry ``config.yaml``,
+``state.json`` (step, scheduler, data position, counters, optimizer step, layout),
+``rng_rank{r}.pt`` (restored only under the same world size) and the run's tokenizer.
 
-A checkpoint is *complete* when cheap, certain checks pass (``checkpoint_problem``): every
-expected file is present (per pipeline stage, per rank's RNG), each safetensors header
-parses and the file's size is the one that header describes, and ``state.json`` and
-``config.yaml`` parse. A damaged one is named, never loaded; ``train.resume: auto`` falls
-back to the newest complete checkpoint (``resume_candidate``), and pruning counts only
-complete ones.
+``CheckpointReader`` (in ``megasink/checkpoint_shards.py`` with the manifest's code) reads
+either format under any layout: a rank asks for a flat range of the TP part it holds and only
+the bytes of the pieces that overlap it are read (an unsharded tensor is one piece). Whole
+tensors are read one at a time, TP parts joined per tensor, so ``load_full_model``, the HF
+export and eval hold at most the model plus one tensor.
+
+The directory is written as ``step_N.tmp`` and renamed when complete; ``checkpoints/latest``
+is replaced atomically last, so a crash leaves it naming the previous complete checkpoint.
+A checkpoint is *complete* when cheap, certain checks pass (``checkpoint_problem``): the
+expected files are present (the manifest and each file it names, at the size it records; or
+one per pipeline stage), safetensors headers parse and describe their file's size, the
+manifest's pieces tile every tensor, and ``state.json`` and ``config.yaml`` parse. A damaged
+one is named, never loaded; ``train.resume: auto`` falls back to the newest complete
+checkpoint (``resume_candidate``), and pruning counts only complete ones.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -35,18 +49,17 @@ import torch
 import yaml
 
 from megasink.config import Config, load_config, save_config
-from megasink.errors import UserError
-from megasink.utils import atomic_write_text, fsync_dir, set_default_mode
+from megasink import safetensors_io as stio
+from megasink.checkpoint_shards import (MANIFEST, MOMENTS, CheckpointError, CheckpointReader, build_manifest,  # noqa: F401
+                                        LazyTensors, is_sharded, load_model_tensors, load_optim_tensors,
+                                        manifest_problem, parsed as _parsed)
+from megasink.utils import atomic_write_text, fsync_dir
 
 LATEST = "latest"
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step}"
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used: the message names the directory or file and what to do."""
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -109,7 +122,13 @@ def _step_dirs(root: Path) -> list[Path]:
 
 
 def _looks_like_step_dir(p: Path) -> bool:
-    return p.is_dir() and not (p / LATEST).exists() and (any(p.glob("*.safetensors")) or (p / "state.json").exists())
+    return p.is_dir() and not (p / LATEST).exists() and (
+        any(p.glob("*.safetensors")) or (p / "state.json").exists() or (p / MANIFEST).exists())
+
+
+def shard_file(kind: str, rank: int, world_size: int) -> str:
+    """The file rank ``rank`` writes its pieces of ``kind`` ("model" or "optim") into."""
+    return f"{kind}-rank{rank:05d}-of-{world_size:05d}.safetensors"
 
 
 def checkpoint_problem(step_dir: Path) -> Optional[str]:
@@ -123,9 +142,14 @@ def checkpoint_problem(step_dir: Path) -> Optional[str]:
     problem = problem or _parsed(d / "config.yaml", yaml.safe_load)[1]
     if problem is not None:
         return problem
-    missing = [f for f in _expected_files(d, state) if not (d / f).is_file()]
-    if missing:
-        return f"{d / missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    if is_sharded(d):
+        problem = _sharded_problem(d, state)
+    else:
+        missing = [f for f in _expected_files(d, state) if not (d / f).is_file()]
+        problem = missing and (f"{d / missing[0]} is missing" +
+                               (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if problem:
+        return problem
     for f in sorted(d.glob("*.safetensors")):
         problem = safetensors_problem(f)
         if problem:
@@ -133,21 +157,46 @@ def checkpoint_problem(step_dir: Path) -> Optional[str]:
     return None
 
 
-def _parsed(path: Path, parse) -> tuple[Optional[dict], Optional[str]]:
-    """(the file parsed as a mapping, None) or (None, what is wrong with it)."""
-    if not path.exists():
-        return None, f"{path} is missing"
-    try:
-        value = parse(path.read_text())
-    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
-        return None, f"{path} does not parse ({type(e).__name__}: {' '.join(str(e).split())})"  # one line
-    if not isinstance(value, dict):
-        return None, f"{path} does not hold a mapping"
-    return value, None
+def _sharded_problem(d: Path, state: Optional[dict]) -> Optional[str]:
+    """What is wrong with a sharded checkpoint's manifest and the files it names, or None."""
+    if not (d / MANIFEST).exists():
+        return f"{d / MANIFEST} is missing (a sharded save writes it last: the save did not finish)"
+    manifest, problem = _parsed(d / MANIFEST, json.loads)
+    problem = problem or manifest_problem(manifest, d / MANIFEST)
+    if problem:
+        return problem
+    world = (state or {}).get("world_size", 0)
+    for name in [*manifest["files"], *(f"rng_rank{r}.pt" for r in range(world))]:
+        if not (d / name).is_file():
+            return f"{d / name} is missing"
+    for name, size in manifest["files"].items():
+        actual = (d / name).stat().st_size
+        if actual != size:
+            return f"{d / name} is {actual} bytes but {d / MANIFEST} records {size}: truncated or overwritten"
+    return _pieces_problem(d, manifest)
+
+
+def _pieces_problem(d: Path, manifest: dict) -> Optional[str]:
+    """None when every piece the manifest names is in its file with its dtype and element count."""
+    stored = {}
+    for name in manifest["files"]:
+        with open(d / name, "rb") as f:
+            try:
+                stored[name] = stio.read_header(f)[0]
+            except stio.HeaderError as e:
+                return str(e)
+    for kind, entries in manifest["tensors"].items():
+        for tensor, e in entries.items():
+            for pc in e["pieces"]:
+                v = stored[pc["file"]].get(pc["key"])
+                if v is None or v["dtype"] != e["dtype"] or math.prod(v["shape"]) != pc["numel"]:
+                    return (f"{d / pc['file']} holds no {e['dtype']} tensor {pc['key']} of {pc['numel']} elements, "
+                            f"which {d / MANIFEST} names for {kind}/{tensor}: the files do not belong together")
+    return None
 
 
 def _expected_files(d: Path, state: Optional[dict]) -> list[str]:
-    """Files a complete checkpoint has: weights (one per pipeline stage); for a training
+    """Files a complete unsharded checkpoint has: weights (one per pipeline stage); for a training
     checkpoint (with state.json) also its AdamW moments once the optimizer has stepped and
     every rank's RNG state."""
     has_training_files = any(d.glob("optim*.safetensors")) or any(d.glob("rng_rank*.pt"))
@@ -163,42 +212,21 @@ def _expected_files(d: Path, state: Optional[dict]) -> list[str]:
 
 def safetensors_problem(path: Path) -> Optional[str]:
     """None when the header of safetensors file ``path`` parses and describes exactly its size."""
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or 8 + n > size:
-            return f"{path} is truncated ({size} bytes; its header does not fit)"
         try:
-            header = json.loads(f.read(n))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            return f"{path}: the safetensors header does not parse ({type(e).__name__}: {e})"
-    if 8 + n + end != size:
-        return f"{path} is {size} bytes but its header describes {8 + n + end}: truncated or overwritten"
+            header, data_start = stio.read_header(f)
+        except stio.HeaderError as e:
+            return str(e)
+    size, end = path.stat().st_size, data_start + stio.data_end(header)
+    if end != size:
+        return f"{path} is {size} bytes but its header describes {end}: truncated or overwritten"
     return None
 
 
-def load_model_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """All model tensors of a checkpoint, merged over pipeline-stage files."""
-    out: dict = {}
-    for f in sorted(Path(ckpt_dir).glob("model*.safetensors")):
-        out.update(load_tensors(f))
-    return out
-
-
-def load_optim_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict = {}
-    for f in sorted(Path(ckpt_dir).glob("optim*.safetensors")):
-        out.update(load_tensors(f))
-    return out
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    set_default_mode(path)  # save_file creates owner-only (0600) files
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> int:
+    """Write ``tensors`` as a safetensors file, one tensor at a time from its own memory; its size."""
+    specs = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    return stio.write_tensors(path, specs, tensors.values())
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -275,16 +303,25 @@ def save_model_checkpoint(model: torch.nn.Module, cfg: Config, out_dir: str | os
     return out
 
 
+def expected_model(cfg: Config) -> dict[str, torch.Tensor]:
+    """The state_dict a model of ``cfg`` has, as meta tensors (names and shapes, no memory)."""
+    from megasink.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg.model, cfg.aux_loss).state_dict()
+
+
 def load_full_model(path: str | os.PathLike, map_location: str = "cpu"):
-    """(model, cfg) on one device from any checkpoint (run dir, checkpoints dir or step dir)."""
+    """(model, cfg) on one device from any checkpoint (run dir, checkpoints dir or step dir), read
+    one tensor at a time into the model."""
     from megasink.model.transformer import Transformer
 
     ckpt = resolve_checkpoint_dir(path)
     cfg = load_config(ckpt / "config.yaml")
     model = Transformer(cfg.model, cfg.aux_loss)
-    sd = load_model_tensors(ckpt)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    allowed_missing = {"output.weight"} if cfg.model.tie_embeddings else set()
-    if set(missing) - allowed_missing or unexpected:
-        raise ValueError(f"{ckpt}: checkpoint does not match config: missing {missing}, unexpected {unexpected}")
+    own = model.state_dict()
+    with CheckpointReader(ckpt) as reader, torch.no_grad():
+        reader.check_model(own, cfg.model.tie_embeddings)
+        for name in reader.names():
+            own[name].copy_(reader.read_full(name))
     return model.to(map_location), cfg

@@ -108,7 +108,7 @@ def test_resume_skips_a_damaged_latest_on_every_rank(tmp_path):
     first = subprocess.run([sys.executable, "-m", "megasink.train", *args, "train.steps=4"], cwd=REPO, env=env,
                            capture_output=True, text=True, preexec_fn=_umask_027, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    damaged = run_dir / "checkpoints" / "step_4" / "optim.safetensors"
+    damaged = run_dir / "checkpoints" / "step_4" / "optim-rank00000-of-00001.safetensors"  # a sharded save
     damaged.write_bytes(damaged.read_bytes()[:-100])
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lo')

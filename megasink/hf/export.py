@@ -10,12 +10,13 @@ back restores the checkpoint exactly). Vanilla models are their family's stock c
 ``configuration_megasink.py`` and ``modeling_megasink.py`` and an ``auto_map`` (load with
 ``trust_remote_code=True``).
 
-Our checkpoints hold full tensors whatever tp/pp/ZeRO layout wrote them, so "gathering" a
-layout is ``megasink.load_checkpoint``.
+A checkpoint of any tp/pp/ZeRO layout (sharded or not) is read one tensor at a time
+(``megasink.checkpoint.CheckpointReader``): the export holds one tensor, never the model.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +27,6 @@ import torch
 from megasink.config import Config, config_to_dict
 from megasink.hf import mapping
 from megasink.hf.tokenizer import find_tokenizer, write_export_tokenizer
-from megasink.utils import set_default_mode
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_megasink.py", "modeling_megasink.py")
@@ -42,39 +42,53 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None if enabled else True)
 
 
-def write_safetensors(pairs: list, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                      progress: bool = True) -> list[str]:
+def write_safetensors(pairs, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      progress: bool = True, shapes: Optional[list] = None) -> list[str]:
     """Write (name, tensor) pairs in ``dtype`` as HF safetensors, sharded with an index above max_shard_bytes.
 
-    Tensors are converted one shard at a time, so memory holds one shard beyond the model.
+    Each tensor is converted and written on its own (megasink.safetensors_io). ``pairs`` may be a
+    generator that reads each tensor when it is reached (a checkpoint streamed by
+    megasink.checkpoint) when ``shapes`` lists each (name, shape) in the same order: memory then
+    holds one tensor at a time.
     """
-    from safetensors.torch import save_file
+    from megasink.safetensors_io import write_tensors
 
+    if shapes is None:
+        pairs = list(pairs)
+        shapes = [(name, tuple(t.shape)) for name, t in pairs]
     itemsize = torch.finfo(dtype).bits // 8
     shards: list[list] = [[]]
     size = 0
-    for name, t in pairs:
-        nbytes = t.numel() * itemsize
+    for name, shape in shapes:
+        nbytes = math.prod(shape) * itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, t))
+        shards[-1].append((name, tuple(shape)))
         size += nbytes
-    total = sum(t.numel() for _, t in pairs) * itemsize
+    total = sum(math.prod(shape) for _, shape in shapes) * itemsize
     single = len(shards) == 1
     names = (["model.safetensors"] if single
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
+    it = iter(pairs)
+
+    def converted(shard, bar):
+        for name, shape in shard:
+            got, t = next(it)
+            if got != name:
+                raise ValueError(f"write_safetensors: tensor {got} arrived where shapes list {name}")
+            bar.update(math.prod(shape) * itemsize)
+            out = t.detach().to("cpu", dtype)
+            del t
+            yield out
+            del out  # written: dropped before the next tensor is read
+
     with _progress(total, "writing weights", progress) as bar:
         for fname, shard in zip(names, shards):
-            tensors = {}
-            for name, t in shard:
-                tensors[name] = t.detach().to("cpu", dtype).contiguous().clone()  # no shared storage
-                bar.update(t.numel() * itemsize)
-            save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-            set_default_mode(out_dir / fname)  # save_file creates owner-only (0600) files
-            weight_map.update({k: fname for k in tensors})
-            del tensors
+            specs = [(name, shape, dtype) for name, shape in shard]
+            write_tensors(out_dir / fname, specs, converted(shard, bar), metadata={"format": "pt"})
+            weight_map.update({name: fname for name, _ in shard})
     if not single:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -92,6 +106,16 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathLike
                  progress: bool = True) -> Path:
     """Write megasink ``model`` (config ``cfg``) as an HF directory at out_dir (atomically renamed), with
     ``tokenizer`` (a sentencepiece .model or a Hugging Face tokenizer directory) when given."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    return export_tensors(sd, {k: v.to("meta") for k, v in sd.items()}, cfg, out_dir, tokenizer, dtype,
+                          max_shard_bytes, overwrite, progress)
+
+
+def export_tensors(sd, meta: dict, cfg: Config, out_dir: str | os.PathLike, tokenizer: Optional[str] = None,
+                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                   progress: bool = True) -> Path:
+    """``export_model`` from a megasink state dict ``sd`` (a mapping; a checkpoint's ``LazyTensors``
+    is read one tensor at a time as it is written) whose shapes ``meta`` gives as meta tensors."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     out = Path(out_dir)
@@ -110,9 +134,9 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathLike
     if m.attention != "vanilla":
         for name in REMOTE_FILES:
             shutil.copyfile(REMOTE_DIR / name, tmp / name)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    write_safetensors(list(mapping.to_hf_tensors(sd, m)), tmp, DTYPES[dtype], max_shard_bytes, progress)
-    shared = model.shared_heads.cpu()
+    shapes = [(name, tuple(t.shape)) for name, t in mapping.to_hf_tensors(meta, m)]
+    write_safetensors(mapping.to_hf_tensors(sd, m), tmp, DTYPES[dtype], max_shard_bytes, progress, shapes)
+    shared = sd["shared_heads"].cpu() if "shared_heads" in sd else torch.zeros(m.n_layers, m.n_heads, dtype=torch.bool)
     sidecar = {"format": 1, "config": config_to_dict(cfg),
                "shared_heads": [torch.nonzero(row).flatten().tolist() for row in shared]}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -133,11 +157,14 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
                        progress: bool = True) -> Path:
     """tools/convert_to_hf.py: a megasink checkpoint (run, checkpoints or step dir) -> HF directory, carrying
     ``tokenizer`` or else the checkpoint's own tokenizer (``find_tokenizer``)."""
-    from megasink import load_checkpoint
-    from megasink.checkpoint import resolve_checkpoint_dir
+    from megasink.checkpoint import CheckpointReader, expected_model, resolve_checkpoint_dir
+    from megasink.config import load_config
 
     ckpt = resolve_checkpoint_dir(checkpoint)
-    model, cfg = load_checkpoint(ckpt)
+    cfg = load_config(ckpt / "config.yaml")
     tok = find_tokenizer(ckpt, cfg.data.tokenizer, tokenizer)
-    return export_model(model, cfg, out_dir, tokenizer=str(tok) if tok else None, dtype=dtype,
-                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)
+    with CheckpointReader(ckpt) as reader:  # tensor by tensor, whatever layout wrote it
+        reader.check_model(expected_model(cfg), cfg.model.tie_embeddings)
+        sd = reader.model_tensors()
+        return export_tensors(sd, sd.meta(), cfg, out_dir, tokenizer=str(tok) if tok else None, dtype=dtype,
+                              max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress)

@@ -5,9 +5,12 @@ no weight decay on norms, biases, sink logits and gate biases, the LR schedule, 
 stage, precision and gradient clipping all come from the YAML. On a machine without GPUs
 DeepSpeed runs on its CPU accelerator over gloo.
 
-``full_param`` / ``full_optim_state`` read, and ``set_full_param`` / ``set_full_optim_state``
-write, one parameter's fp32 master value and AdamW moments as *local-shard-shaped* tensors
-whatever the ZeRO stage, so checkpoints can be written in full and loaded into any layout.
+Optimizer state whatever the ZeRO stage (docs/design.md, "File formats and contracts"):
+``local_master`` / ``set_local_master`` read and write the part of one parameter's fp32 master
+and AdamW moments this rank holds (``master_range``: its ZeRO-3 partition, its ZeRO-1/2
+fragment, or all of it), ``set_working`` the model's working copy; sharded checkpoints save
+and load through them. ``full_param`` / ``full_optim_state`` gather a whole (TP-local)
+parameter for the unsharded format.
 """
 from __future__ import annotations
 
@@ -127,37 +130,102 @@ def full_optim_state(engine, p: torch.nn.Parameter, key: str) -> Optional[torch.
     return st[key].detach().clone() if key in st else None
 
 
-def set_full_param(engine, p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set the fp32 master copy *and* the model's working copy (DeepSpeed only sets the
-    former and would refresh the latter only at the next optimizer step)."""
-    if _uses_hp_mapping(p):
-        from deepspeed.utils import safe_set_full_fp32_param
+def master_range(p: torch.nn.Parameter) -> tuple[int, int]:
+    """(start, numel) of the elements of p (flattened, TP-local) whose fp32 master and AdamW
+    moments this rank holds (``local_master``): its ZeRO-3 partition, its ZeRO-1/2 fragment
+    ((0, 0) when it has none), or all of p without ZeRO."""
+    if hasattr(p, "ds_id"):
+        import torch.distributed as dist
 
-        safe_set_full_fp32_param(p, value.to(torch.float32))
-    with torch.no_grad():
-        master = _unfused_master(engine, p)
-        if master is not p:
-            master.copy_(value.to(master.dtype))
-        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's flat partition of the working copy
-            import torch.distributed as dist
+        n = p.ds_tensor.numel()  # partitions are padded to equal sizes
+        start = min(n * dist.get_rank(group=p.ds_process_group), p.ds_numel)
+        return start, min(n, p.ds_numel - start)
+    if hasattr(p, "_hp_mapping"):
+        frag = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None
+        return (frag.start, frag.numel) if frag is not None else (0, 0)
+    return 0, p.numel()
 
-            part = p.ds_tensor
-            n = part.numel()
-            start = n * dist.get_rank(group=p.ds_process_group)
-            chunk = value.flatten()[start:start + n].to(part.dtype)
-            part.data.zero_()
-            part.data[:chunk.numel()].copy_(chunk)
+
+def local_shape(p: torch.nn.Parameter) -> tuple:
+    """p's TP-local shape (ZeRO-3 keeps it beside the empty working tensor)."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
+
+
+def working_range(p: torch.nn.Parameter) -> tuple[int, int]:
+    """(start, numel): the elements of p's working copy this rank keeps (``set_working``)."""
+    return master_range(p) if hasattr(p, "ds_id") else (0, p.numel())
+
+
+def saved_range(p: torch.nn.Parameter, dims: ParallelDims) -> tuple[int, int]:
+    """(start, numel) of p that this rank writes into a sharded checkpoint: what it owns under
+    ZeRO-1/2/3; without ZeRO every data-parallel rank holds all of p and writes 1/dp of it."""
+    start, n = master_range(p)
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        return start, n
+    chunk = -(-n // dims.dp)
+    first = min(dims.dp_rank * chunk, n)
+    return first, min(chunk, n - first)
+
+
+def local_master(engine, p: torch.nn.Parameter, key: Optional[str] = None) -> Optional[torch.Tensor]:
+    """p's fp32 master (``key`` None) or AdamW moment ``key`` over ``master_range(p)``, 1-D, as a
+    view of the optimizer's own tensor (no copy on the CPU); None when the moment does not exist."""
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        if key is not None and not _has_state(engine):
+            return None
+        v = safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+        return v.detach().view(-1)[:master_range(p)[1]]
+    if hasattr(p, "_hp_mapping"):
+        m = p._hp_mapping
+        if m is None:
+            return torch.empty(0, dtype=torch.float32, device=p.device)
+        if key is not None and key not in (m.optim_fragment or {}):
+            return None
+        return m.get_hp_fragment(key).detach().view(-1)
+    master = _unfused_master(engine, p)
+    if key is None:
+        return master.detach().view(-1)
+    st = _base_optimizer(engine).state.get(master, {})
+    return st[key].detach().view(-1) if key in st else None
+
+
+def set_local_master(engine, p: torch.nn.Parameter, value: torch.Tensor, key: Optional[str] = None) -> None:
+    """Set p's fp32 master (``key`` None) or moment ``key`` over ``master_range(p)`` from the 1-D
+    ``value`` (the moments must exist: ``ensure_optimizer_state``)."""
+    value = value.to(torch.float32).view(-1)
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        padded = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=p.ds_tensor.device)
+        padded[:value.numel()].copy_(value)  # the last partition is padded
+        if key is None:
+            safe_set_local_fp32_param(p, padded)
         else:
-            p.data.copy_(value.to(p.dtype))
+            safe_set_local_optimizer_state(p, padded, key)
+        return
+    target = local_master(engine, p, key)
+    if target is None:
+        raise RuntimeError(f"AdamW state {key!r} does not exist yet: call ensure_optimizer_state first")
+    with torch.no_grad():
+        target.copy_(value)
 
 
-def set_full_optim_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
-    if _uses_hp_mapping(p):
-        from deepspeed.utils import safe_set_full_optimizer_state
+def set_working(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set the model's working copy of p over ``working_range(p)`` from the 1-D ``value`` (DeepSpeed
+    sets only the fp32 master and would refresh the working copy at the next optimizer step)."""
+    with torch.no_grad():
+        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's flat partition of the working copy
+            part = p.ds_tensor.data
+            part.zero_()
+            part[:value.numel()].copy_(value.view(-1))
+        else:
+            p.data.view(-1).copy_(value.view(-1))
 
-        safe_set_full_optimizer_state(p, value.to(torch.float32), key)
-    else:
-        _base_optimizer(engine).state[_unfused_master(engine, p)][key].copy_(value)
+
+def _has_state(engine) -> bool:
+    return any("exp_avg" in st for st in _base_optimizer(engine).state.values())
 
 
 def _master_tensors(engine) -> list:
@@ -201,7 +269,7 @@ def relink_optimizer_states(engine) -> None:
 
     DeepSpeed links the fragments once, right after the *first group's* first step, so with
     several parameter groups (decay / no decay) the later groups stay unlinked. Re-linking
-    when the state exists makes full_optim_state / set_full_optim_state see every group."""
+    when the state exists makes local_master / full_optim_state see every group."""
     opt = engine.optimizer
     if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         opt._hp_optimizer_states_linked = False

@@ -1,11 +1,18 @@
 """Saving and restoring a training run under any parallel layout.
 
-Writes the layout-independent format of ``checkpoint.py``: every parameter and its AdamW
-moments as full tensors. Each pipeline stage's first rank (tp_rank 0, dp_rank 0) writes
-its stage's tensors into ``step_N.tmp``; rank 0 writes state.json, then renames the
-directory and updates ``latest`` after everyone has finished (so ``latest`` never names a
-partial checkpoint). Loading slices each rank's shard out of the full tensors, so a run
-saved with tp=2 x pp=2 resumes with tp=1 x pp=1 and back.
+``save_training_state`` writes the sharded format of ``megasink/checkpoint.py``: every rank
+writes the pieces it owns of each parameter's fp32 master and AdamW moments (its ZeRO-1/2
+fragment, its ZeRO-3 partition, or without ZeRO 1/dp of its TP shard; TP-replicated tensors
+from TP rank 0 only, a tied embedding from the first pipeline stage only) into its own two
+files, in parallel, straight from the optimizer's memory (``engine.local_master``). Rank 0
+gathers the ranks' piece lists and writes state.json, config and tokenizer, then the
+manifest (atomically, last), renames ``step_N.tmp`` and updates ``latest``.
+
+``load_training_state`` reads either format under any layout: each rank reads the range of
+its TP part it keeps (its ZeRO-3 partition; otherwise the whole part for the working copy)
+and the range of the moments it holds (``engine.master_range``), nothing else, one tensor at
+a time. ``sharded=False`` writes the unsharded format (full tensors gathered onto one rank per
+pipeline stage), kept for comparison (benchmarks/checkpoint_io.py).
 """
 from __future__ import annotations
 
@@ -24,34 +31,33 @@ from megasink.config import Config, load_config, save_config
 from megasink.errors import UserError
 from megasink.parallel import engine as eng
 from megasink.parallel.dims import ParallelDims
-from megasink.parallel.state_utils import gather_tp_tensor, slice_tp_tensor
+from megasink.parallel.state_utils import gather_tp_tensor
 from megasink import checkpoint as ckpt
 from megasink.utils import atomic_write_text, fsync_dir
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = ckpt.MOMENTS
 
 
-def _gather_tp(t: torch.Tensor, p: torch.nn.Parameter, dims: ParallelDims) -> torch.Tensor:
-    return gather_tp_tensor(t, getattr(p, "tp_shard_dim", None), dims)
-
-
-def _slice_tp(full: torch.Tensor, p: torch.nn.Parameter, dims: ParallelDims) -> torch.Tensor:
-    return slice_tp_tensor(full, getattr(p, "tp_shard_dim", None), dims)
-
-
-def _named_params(engine):
-    """(Transformer state_dict name, parameter) for this rank's parameters."""
+def _named_params(engine, dims: ParallelDims):
+    """(Transformer state_dict name, parameter, whether this rank writes it) for this rank's parameters:
+    a copy of a tied embedding past the first pipeline stage is not written (the first stage has it)."""
     named = list(engine.module.named_parameters())
-    if type(engine.module).__name__ == "PipelineModule":
-        from megasink.parallel.pipeline import canonical_name
+    if type(engine.module).__name__ != "PipelineModule":
+        return [(n, p, True) for n, p in named]
+    from megasink.parallel.pipeline import TIED_PREFIX, canonical_name
 
-        named = [(canonical_name(n), p) for n, p in named]
-    return named
+    return [(canonical_name(n), p, not (n.startswith(TIED_PREFIX) and dims.pp_rank > 0)) for n, p in named]
+
+
+def _split(p: torch.nn.Parameter, dims: ParallelDims) -> Optional[tuple]:
+    """This rank's TP part of p as the checkpoint reader names it, or None (not split)."""
+    dim = getattr(p, "tp_shard_dim", None)
+    return None if dim is None or dims.tp == 1 else (dim, dims.tp, dims.tp_rank)
 
 
 def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, state: dict,
                         keep_last: int, shared_heads: Optional[torch.Tensor] = None,
-                        in_use: Collection[str] = ()) -> Path:
+                        in_use: Collection[str] = (), sharded: bool = True) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. ``in_use``: rank
     0's checkpoint names that pruning must keep (background evaluations still read them)."""
     root = Path(cfg.run_dir) / "checkpoints"
@@ -61,34 +67,27 @@ def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, stat
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    if eng.optimizer_step_count(engine) > 0:
+    stepped = eng.optimizer_step_count(engine) > 0
+    if stepped:
         eng.relink_optimizer_states(engine)
-    model_sd, optim_sd = {}, {}
-    for name, p in _named_params(engine):  # collective under ZeRO (all ranks, same order)
-        model_sd[name] = _gather_tp(eng.full_param(engine, p), p, dims)
-        for key in MOMENTS:
-            v = eng.full_optim_state(engine, p, key)
-            if v is not None:
-                optim_sd[f"{key}/{name}"] = _gather_tp(v, p, dims)
-    if shared_heads is not None and dims.pp_rank == 0:
-        model_sd["shared_heads"] = shared_heads
-    writer = dims.tp_rank == 0 and dims.dp_rank == 0
-    suffix = "" if dims.pp == 1 else f"-stage{dims.pp_rank}-of-{dims.pp}"
-    if writer:
-        ckpt.save_tensors(tmp / f"model{suffix}.safetensors", model_sd)
-        if optim_sd:
-            ckpt.save_tensors(tmp / f"optim{suffix}.safetensors", optim_sd)
+    write = _write_shards if sharded else _write_full
+    report = write(engine, dims, tmp, stepped, shared_heads if dist.get_rank() == 0 else None)
     torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
-    dist.barrier()
+    reports = [None] * dims.world_size if dist.get_rank() == 0 else None
+    dist.gather_object(report, reports, dst=0)  # every rank's files are written and fsynced
     if dist.get_rank() == 0:
+        layout = {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp, "zero": engine.zero_optimization_stage()}
         state = {**state, "step": step, "optimizer_step": eng.optimizer_step_count(engine),
-                 "world_size": dims.world_size, "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}}
+                 "world_size": dims.world_size, "layout": layout}
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
         save_config(cfg, tmp / "config.yaml")
         ckpt.save_tokenizer(cfg.data.tokenizer, tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        if sharded:  # last: the manifest marks the checkpoint complete
+            manifest = ckpt.build_manifest(reports, step, layout)
+            atomic_write_text(tmp / ckpt.MANIFEST, json.dumps(manifest, separators=(",", ":")))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
@@ -96,6 +95,63 @@ def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, stat
         ckpt.prune_checkpoints(root, keep_last, in_use)
     dist.barrier()
     return final
+
+
+def _write_shards(engine, dims: ParallelDims, tmp: Path, stepped: bool,
+                  shared_heads: Optional[torch.Tensor]) -> dict:
+    """Write the pieces this rank owns into its model and optim files; return its report for
+    ``checkpoint.build_manifest``. The tensors written are views of the optimizer's own memory."""
+    rank, world = dist.get_rank(), dims.world_size
+    files = {"model": ckpt.shard_file("model", rank, world), "optim": ckpt.shard_file("optim", rank, world)}
+    kinds = ("model", *MOMENTS) if stepped else ("model",)
+    tensors: dict = {"model": {}, "optim": {}}
+    pieces = []
+    for name, p, writes in _named_params(engine, dims):
+        split = _split(p, dims)
+        start, n = eng.saved_range(p, dims)
+        if not writes or n == 0 or (split is None and dims.tp_rank != 0):  # TP replicas: TP rank 0 writes
+            continue
+        first = eng.master_range(p)[0]
+        for kind in kinds:
+            key = f"{kind}/{name}@{0 if split is None else split[2]}:{start}"
+            values = eng.local_master(engine, p, None if kind == "model" else kind)
+            if values is None:
+                raise RuntimeError(f"rank {rank}: no AdamW {kind} for {name} after the optimizer stepped")
+            tensors["model" if kind == "model" else "optim"][key] = values.narrow(0, start - first, n)
+            pieces.append({"kind": kind, "name": name, "dtype": "F32", "part_shape": list(eng.local_shape(p)),
+                           "dim": None if split is None else split[0], "parts": 1 if split is None else split[1],
+                           "part": 0 if split is None else split[2], "start": start, "numel": n,
+                           "file": files["model" if kind == "model" else "optim"], "key": key})
+    if shared_heads is not None:
+        key = "model/shared_heads@0:0"
+        tensors["model"][key] = shared_heads.detach().reshape(-1)
+        pieces.append({"kind": "model", "name": "shared_heads", "dtype": "BOOL", "part_shape": list(shared_heads.shape),
+                       "dim": None, "parts": 1, "part": 0, "start": 0, "numel": shared_heads.numel(),
+                       "file": files["model"], "key": key})
+    sizes = {files["model"]: ckpt.save_tensors(tmp / files["model"], tensors["model"])}
+    if stepped:
+        sizes[files["optim"]] = ckpt.save_tensors(tmp / files["optim"], tensors["optim"])
+    return {"files": sizes, "pieces": pieces}
+
+
+def _write_full(engine, dims: ParallelDims, tmp: Path, stepped: bool, shared_heads: Optional[torch.Tensor]) -> None:
+    """The unsharded format: full tensors gathered (collective under ZeRO and TP) and written by
+    each pipeline stage's first rank (tp_rank 0, dp_rank 0)."""
+    model_sd, optim_sd = {}, {}
+    for name, p, _ in _named_params(engine, dims):  # collective under ZeRO (all ranks, same order)
+        dim = getattr(p, "tp_shard_dim", None)
+        model_sd[name] = gather_tp_tensor(eng.full_param(engine, p), dim, dims)
+        for key in MOMENTS if stepped else ():
+            v = eng.full_optim_state(engine, p, key)
+            if v is not None:
+                optim_sd[f"{key}/{name}"] = gather_tp_tensor(v, dim, dims)
+    if shared_heads is not None:  # rank 0: the first stage's writer
+        model_sd["shared_heads"] = shared_heads
+    if dims.tp_rank == 0 and dims.dp_rank == 0:
+        suffix = "" if dims.pp == 1 else f"-stage{dims.pp_rank}-of-{dims.pp}"
+        ckpt.save_tensors(tmp / f"model{suffix}.safetensors", model_sd)
+        if optim_sd:
+            ckpt.save_tensors(tmp / f"optim{suffix}.safetensors", optim_sd)
 
 
 def _rng_state() -> dict:
@@ -108,22 +164,19 @@ def _rng_state() -> dict:
 def load_training_state(engine, ckpt_dir: Path, dims: ParallelDims,
                         shared_heads: Optional[torch.Tensor] = None) -> dict:
     """Collective: load weights, moments, step counts, RNG (and the shared-heads mask into
-    `shared_heads`) into the engine; return state.json."""
-    model_sd = ckpt.load_model_tensors(ckpt_dir)
-    optim_sd = ckpt.load_optim_tensors(ckpt_dir)
+    `shared_heads`) into the engine from a checkpoint of either format and any layout; return
+    state.json. Each rank reads only the ranges it keeps, one tensor at a time."""
     state = json.loads((ckpt_dir / "state.json").read_text()) if (ckpt_dir / "state.json").exists() else {}
-    if optim_sd:
-        eng.ensure_optimizer_state(engine)
-        eng.relink_optimizer_states(engine)
-    for name, p in _named_params(engine):
-        if name not in model_sd:
-            raise KeyError(f"{ckpt_dir}: parameter {name} missing from the checkpoint")
-        eng.set_full_param(engine, p, _slice_tp(model_sd[name], p, dims))
-        for key in MOMENTS if optim_sd else ():
-            eng.set_full_optim_state(engine, p, key, _slice_tp(optim_sd[f"{key}/{name}"], p, dims))
-    if shared_heads is not None and "shared_heads" in model_sd:
-        shared_heads.copy_(model_sd["shared_heads"])
-    if optim_sd and "optimizer_step" in state:
+    with ckpt.CheckpointReader(ckpt_dir) as reader:
+        moments = all(reader.names(kind) for kind in MOMENTS)
+        if moments:
+            eng.ensure_optimizer_state(engine)
+            eng.relink_optimizer_states(engine)
+        for name, p, _ in _named_params(engine, dims):
+            _load_param(engine, reader, name, p, dims, moments)
+        if shared_heads is not None and reader.has("shared_heads"):
+            shared_heads.copy_(reader.read_full("shared_heads"))
+    if moments and "optimizer_step" in state:
         eng.set_optimizer_step_count(engine, state["optimizer_step"])
     rng = ckpt_dir / f"rng_rank{dist.get_rank()}.pt"
     if rng.exists() and state.get("world_size") == dims.world_size:
@@ -132,6 +185,25 @@ def load_training_state(engine, ckpt_dir: Path, dims: ParallelDims,
         if "cuda" in st and torch.cuda.is_available():
             torch.cuda.set_rng_state(st["cuda"])
     return state
+
+
+def _load_param(engine, reader, name: str, p: torch.nn.Parameter, dims: ParallelDims, moments: bool) -> None:
+    """p's working copy, fp32 master and (``moments``) AdamW moments from ``reader``: the ranges
+    this rank keeps of its TP part."""
+    split = _split(p, dims)
+    if not reader.has(name):
+        raise ckpt.CheckpointError(f"{reader.dir}: parameter {name} is missing from the checkpoint; it holds "
+                                   "another model (resume with that checkpoint's model section)")
+    if reader.shape(name, split=split) != eng.local_shape(p):
+        raise ckpt.CheckpointError(f"{reader.dir}: {name} is {reader.shape(name)} (this rank's part "
+                                   f"{reader.shape(name, split=split)}), the model's part is {eng.local_shape(p)}")
+    w0, wn = eng.working_range(p)
+    working = reader.read(name, "model", split, w0, w0 + wn)
+    eng.set_working(p, working)
+    m0, mn = eng.master_range(p)
+    eng.set_local_master(engine, p, working[m0 - w0:m0 - w0 + mn])
+    for key in MOMENTS if moments else ():
+        eng.set_local_master(engine, p, reader.read(name, key, split, m0, m0 + mn), key)
 
 
 def find_resume_dir(cfg: Config) -> Optional[Path]:
