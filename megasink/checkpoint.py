@@ -50,9 +50,9 @@ import yaml
 
 from megasink.config import Config, load_config, save_config
 from megasink import safetensors_io as stio
-from megasink.checkpoint_shards import (MANIFEST, MOMENTS, CheckpointError, CheckpointReader, build_manifest,  # noqa: F401
-                                        LazyTensors, is_sharded, load_model_tensors, load_optim_tensors,
-                                        manifest_problem, parsed as _parsed)
+from megasink.checkpoint_shards import (  # noqa: F401 (the format's API, re-exported here)
+    MANIFEST, MOMENTS, CheckpointError, CheckpointReader, LazyTensors, build_manifest, is_sharded, load_model_tensors,
+    load_optim_tensors, manifest_problem, parsed as _parsed)
 from megasink.utils import atomic_write_text, fsync_dir
 
 LATEST = "latest"

@@ -314,7 +314,8 @@ class CheckpointReader:
             stop = min(end, starts[i] + pc["numel"])
             f, header, data_start = self._file(pc["file"])
             stored = header.get(pc["key"])
-            if stored is None or stio.TORCH_DTYPES[stored["dtype"]] != e.dtype or math.prod(stored["shape"]) < stop - starts[i]:
+            if (stored is None or stio.TORCH_DTYPES[stored["dtype"]] != e.dtype
+                    or math.prod(stored["shape"]) < stop - starts[i]):
                 raise CheckpointError(f"{self.dir / pc['file']}: holds no {stio.DTYPES[e.dtype]} tensor {pc['key']} of "
                                       f"{pc['numel']} elements, which the manifest names: the checkpoint is damaged")
             stio.read_range(f, stored, data_start, pos - starts[i], out[pos - start:stop - start])

@@ -128,7 +128,8 @@ def _sharded_run(root, steps=(2, 4)):
     """Sharded training-style checkpoints at ``steps`` under checkpoints/ ``root``; latest = the last."""
     cfg = megasink.load_config("configs/tiny-gated.yaml", ["model.n_layers=2"])
     sd = ck.full_state_dict(megasink.build_model(cfg.model))
-    tensors = {**{("model", k): v for k, v in sd.items()}, **{(m, k): v * 0.5 for k, v in sd.items() for m in ck.MOMENTS}}
+    tensors = {("model", k): v for k, v in sd.items()}
+    tensors.update({(m, k): v * 0.5 for k, v in sd.items() for m in ck.MOMENTS})
     split = {k: (0 if v.dim() == 2 else None) for k, v in sd.items()}
     for step in steps:
         write_sharded(root / f"step_{step}", tensors, split, cfg=cfg,
