@@ -20,7 +20,9 @@ Hugging Face byte-level BPE in Llama 3's style (trained here with the ``tokenize
    corpus just written (single and blended), tokens per second in one process.
 
 Documents: the Python documentation sources when installed (``apt-get install
-python3.11-doc``), else standard-library docstrings; ``--repeat`` concatenates copies.
+python3.11-doc``), else standard-library docstrings; ``--repeat`` concatenates copies. A run's
+fixed costs (loading the tokenizer, starting the workers: about half a second) weigh a few per
+cent on the default 44 MB; ``--repeat 8`` (88 MB) measures closer to the steady state.
 
     python benchmarks/preprocess.py                 # prints markdown tables
     python benchmarks/preprocess.py --json out.json
