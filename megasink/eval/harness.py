@@ -6,9 +6,9 @@ sink / gated with their modeling code, loaded with ``trust_remote_code``) and ev
 with lm-eval's ``HFLM``, so every lm-eval task type works, generation included. An HF model
 directory is evaluated as it is.
 
-Documents in megasink's data end with EOS and carry no BOS, so a text starts after an EOS in
-training: the model's EOS is lm-eval's prefix token (what a rolling window or an empty context
-conditions on). Outputs in ``--out``: ``results.json`` (lm-eval's results plus a ``megasink``
+Documents in megasink's data end with EOS and start with BOS only when the tokenizer's own
+encode adds one (Llama 3): lm-eval's prefix token (what a rolling window or an empty context
+conditions on) is that BOS, or else the EOS after which a text starts in training. Outputs in ``--out``: ``results.json`` (lm-eval's results plus a ``megasink``
 block) and ``results.md`` (lm-eval's markdown table, also printed).
 
 Offline, tasks come from local YAMLs (``dataset_path: json`` with absolute ``data_files``, as
@@ -46,17 +46,16 @@ class HFModel:
 
 
 def _checkpoint_tokenizer(ckpt: Path, cfg, tokenizer: Optional[str]) -> str:
-    """--tokenizer, the checkpoint's sentencepiece model or imported HF tokenizer; a one-line error if none."""
-    from megasink.hf.tokenizer import HF_TOKENIZER_SUBDIR, find_spm_model
+    """--tokenizer or the checkpoint's tokenizer (megasink.hf.tokenizer.find_tokenizer); a one-line error if none."""
+    from megasink.hf.tokenizer import find_tokenizer
 
-    spm = find_spm_model(ckpt, cfg.data.tokenizer, tokenizer)
-    if spm is not None:
-        return str(spm)
-    if (ckpt / HF_TOKENIZER_SUBDIR).is_dir():
-        return ""  # the exporter copies it
+    found = find_tokenizer(ckpt, cfg.data.tokenizer, tokenizer)
+    if found is not None:
+        return str(found)
     data = ", ".join(map(str, cfg.data.path))
     raise ValueError(f"{ckpt} has no tokenizer (data.path: {data}; trained on synthetic token ids?): lm-eval "
-                     "evaluates text; pass --tokenizer MODEL.model if it was trained on tokenized text")
+                     "evaluates text; pass --tokenizer (a .model file or a tokenizer directory) if it was trained "
+                     "on tokenized text")
 
 
 def prepare_model(path, tmp_dir, tokenizer: Optional[str] = None) -> HFModel:
@@ -71,9 +70,17 @@ def prepare_model(path, tmp_dir, tokenizer: Optional[str] = None) -> HFModel:
     ckpt = resolve_checkpoint_dir(path)
     cfg = load_config(ckpt / "config.yaml")
     tok = _checkpoint_tokenizer(ckpt, cfg, tokenizer)
-    out = convert_checkpoint(ckpt, Path(tmp_dir) / "hf", tokenizer=tok or None, progress=False)
-    eos = json.loads((out / "config.json").read_text()).get("eos_token_id")
-    return HFModel(out, cfg.model.attention != "vanilla", eos, ckpt)
+    out = convert_checkpoint(ckpt, Path(tmp_dir) / "hf", tokenizer=tok, progress=False)
+    return HFModel(out, cfg.model.attention != "vanilla", prefix_token(tok), ckpt)
+
+
+def prefix_token(tokenizer: str) -> Optional[int]:
+    """The token a document follows in training: BOS when the tokenizer frames documents with it
+    (its own encode adds one), else EOS."""
+    from megasink.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    return tok.bos_id if tok.adds_bos else tok.eos_id
 
 
 def task_manager(tasks: list, include_path: Optional[str]):
@@ -258,7 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
     p.add_argument("--out", help="output directory (default: RUN/eval/step_N for a run's checkpoint)")
     p.add_argument("--include-path", help="directory of local task YAMLs (e.g. from tools/make_eval_task.py)")
-    p.add_argument("--tokenizer", help="sentencepiece .model for a checkpoint that does not carry one")
+    p.add_argument("--tokenizer", help="sentencepiece .model or Hugging Face tokenizer directory, for a checkpoint "
+                   "that does not carry one")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default cuda if present)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype during evaluation (default float32)")
