@@ -37,12 +37,12 @@ COMMON = ["model.n_layers=2", "model.seq_len=64", "model.d_model=64", "model.voc
 TOL = 1e-5  # relative, per tensor (norm of the difference / norm of the reference)
 
 
-def _overrides(variant: str, layout: list[str], run_dir) -> list[str]:
+def _overrides(variant: str, layout: list[str], run_dir, data=()) -> list[str]:
     """The trainer's config for ``layout`` (its entries, plus "world=N" for the process count)."""
     dp = _world(layout) // (_size(layout, "tp") * _size(layout, "pp"))
     mbs = GLOBAL_BATCH // (2 * dp)  # two micro-batches per rank: gradient accumulation A = 2
     return COMMON + [f"model.attention={variant}", f"train.micro_batch_size={mbs}", f"run_dir={run_dir}",
-                     *_layout_args(layout)]
+                     *_layout_args(layout), *data]
 
 
 def _size(layout, key) -> int:
@@ -84,12 +84,12 @@ def _aux_gradient_scaled(factor: float):
         stats.loss_scales = original
 
 
-def run_trainer(tmp_path, variant: str, layout: list[str], aux_grad_factor: float = 1.0):
+def run_trainer(tmp_path, variant: str, layout: list[str], aux_grad_factor: float = 1.0, data=()):
     """Run one trainer step in ``layout``; (metrics of step 1, weights, AdamW moments)."""
     from megasink.checkpoint import load_model_tensors, load_optim_tensors, resolve_checkpoint_dir
 
     run_dir = tmp_path / f"{variant}-{'-'.join(_layout_args(layout)) or 'single'}-x{aux_grad_factor}"
-    overrides = _overrides(variant, layout, run_dir)
+    overrides = _overrides(variant, layout, run_dir, data)
     world = _world(layout)
     if world == 1:  # in this process: keep its environment (the trainer sets MASTER_PORT, RANK, ...)
         saved = dict(os.environ)
@@ -106,15 +106,16 @@ def run_trainer(tmp_path, variant: str, layout: list[str], aux_grad_factor: floa
 
 
 # ----------------------------------------------------------------------------- the reference
-def reference_step(variant: str) -> dict:
+def reference_step(variant: str, data=()) -> dict:
     """The step by plain autograd in float64 on the whole global batch, from the trainer's own
-    initial weights (seeded the same way) and data (the loader's first global batch)."""
+    initial weights (seeded the same way) and data (the loader's first global batch; ``data``:
+    overrides naming a corpus instead of the synthetic one)."""
     from megasink.config import load_config
     from megasink.data import build_dataset, build_loader
     from megasink.model.transformer import Transformer
 
     cfg = load_config("configs/tiny-sink.yaml", COMMON + [f"model.attention={variant}",
-                                                          "model.attention_backend=eager"])
+                                                          "model.attention_backend=eager", *data])
     t, m = cfg.train, cfg.model
     torch.manual_seed(t.seed)
     model = Transformer(m, cfg.aux_loss).double()  # the same initial weights as the trainer's model
@@ -138,7 +139,7 @@ def reference_step(variant: str) -> dict:
         torch.nn.utils.clip_grad_norm_(list(params.values()), t.grad_clip)
     initial = {n: p.detach().clone() for n, p in params.items()}
     grads = {n: p.grad.detach().clone() for n, p in params.items()}
-    return {"cfg": cfg, "loss": lm.item(), "aux_loss": aux.item(), "grad_norm": grad_norm, "aux_share": aux_share,
+    return {"cfg": cfg, "batch": batch, "loss": lm.item(), "aux_loss": aux.item(), "grad_norm": grad_norm, "aux_share": aux_share,
             "initial": initial, **adamw_step(cfg, initial, grads)}
 
 
@@ -163,10 +164,11 @@ def adamw_step(cfg, initial: dict, grads: dict) -> dict:
 _REFERENCES: dict = {}
 
 
-def reference(variant: str) -> dict:
-    if variant not in _REFERENCES:
-        _REFERENCES[variant] = reference_step(variant)
-    return _REFERENCES[variant]
+def reference(variant: str, data=()) -> dict:
+    key = (variant, tuple(data))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = reference_step(variant, data)
+    return _REFERENCES[key]
 
 
 def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -198,10 +200,10 @@ def mismatches(ref: dict, metrics: dict, weights: dict, moments: dict) -> list[s
     return bad
 
 
-def check_layout(tmp_path, variant: str, layout: list[str], mutate: bool) -> None:
-    ref = reference(variant)
+def check_layout(tmp_path, variant: str, layout: list[str], mutate: bool, data=()) -> None:
+    ref = reference(variant, data)
     assert ref["aux_share"] > 100 * TOL, f"the aux loss must matter in this test ({ref['aux_share']:.2e})"
-    bad = mismatches(ref, *run_trainer(tmp_path, variant, layout))
+    bad = mismatches(ref, *run_trainer(tmp_path, variant, layout, data=data))
     assert not bad, "\n".join(bad)
     if mutate:
         for factor in (0.5, 2.0):
@@ -232,3 +234,38 @@ CASES = [("dp2_zero1", "vanilla"), ("dp2_zero2", "sink"), ("dp2_zero3", "gated")
 @pytest.mark.parametrize("name,variant", CASES, ids=[c[0] for c in CASES])
 def test_parallel_step_equals_plain_autograd(tmp_path, name, variant):
     check_layout(tmp_path, variant, LAYOUTS[name], mutate=True)
+
+
+# ----------------------------------------------------------------------------- loss-masked fine-tuning data
+@pytest.fixture(scope="module")
+def masked_corpus(tmp_path_factory) -> list:
+    """Overrides for a prompt/response corpus with a loss mask (targets -100 on prompt tokens)
+    whose micro-batches hold different numbers of response tokens: the LM loss must be the mean
+    over the global batch's response tokens, not a mean of per-micro-batch means."""
+    from data_fixtures import data_hf_tokenizer, data_write_jsonl
+
+    from megasink.data.preprocess import PreprocessConfig, preprocess
+
+    tmp = tmp_path_factory.mktemp("masked")
+    rows = [{"prompt": f"Question {i}: " + "why? " * (i % 7), "response": f" Because {i} " + "so " * (3 * (i % 5))}
+            for i in range(80)]
+    tok = data_hf_tokenizer("llama3")
+    preprocess(PreprocessConfig(inputs=[data_write_jsonl(tmp / "pairs.jsonl", rows)], tokenizer=tok,
+                                output_prefix=str(tmp / "pairs"), format="prompt_response", workers=0, progress=False))
+    return [f"data.path=[{tmp / 'pairs'}]", f"data.tokenizer={tok}", "model.vocab_size=1024"]
+
+
+def _assert_uneven(ref: dict) -> None:
+    counts = (ref["batch"]["targets"] != -100).sum(-1).tolist()  # (GLOBAL_BATCH,) response targets per row
+    assert len(set(counts)) > 1 and min(counts) < ref["batch"]["targets"].shape[1], counts
+
+
+def test_loss_masked_step_equals_plain_autograd(tmp_path, masked_corpus):
+    _assert_uneven(reference("sink", masked_corpus))
+    check_layout(tmp_path, "sink", [], mutate=False, data=masked_corpus)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dp2_zero1", "pp2"])
+def test_loss_masked_parallel_step_equals_plain_autograd(tmp_path, masked_corpus, name):
+    check_layout(tmp_path, "sink", LAYOUTS[name], mutate=False, data=masked_corpus)

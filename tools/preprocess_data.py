@@ -10,6 +10,13 @@ e.g. a Llama 3 or Qwen download); vocabularies over 65536 ids are stored as int3
         --min-int-score 3 --valid-fraction 0.001 --shard-size 1G --workers 16
     python tools/preprocess_data.py --input data/fineweb-edu/*.parquet \\
         --tokenizer models/Llama-3.2-1B --output-prefix data/fwe-llama3/fwe --workers 16
+
+Fine-tuning data (JSON lines; a loss mask beside the tokens, megasink/data/sft.py):
+
+    python tools/preprocess_data.py --input data/reasoning.jsonl --format chat \\
+        --tokenizer models/Llama-3.1-8B-Instruct --output-prefix data/reasoning/chat --valid-fraction 0.01
+    python tools/preprocess_data.py --input data/pairs.jsonl --format prompt_response \\
+        --tokenizer models/Llama-3.1-8B --output-prefix data/reasoning/pairs
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megasink.data.preprocess import PreprocessConfig, preprocess, summary_line  # noqa: E402
+from megasink.data.sft import FORMATS  # noqa: E402
 
 
 def parse_size(text: str) -> int:
@@ -42,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sentencepiece .model file or Hugging Face tokenizer directory (tokenizer.json)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX_valid.*, PREFIX.meta.json")
     p.add_argument("--text-key", default="text", help="column / JSON key of the text (default: text)")
+    p.add_argument("--format", default="text", choices=FORMATS,
+                   help="records: text (default); prompt_response (JSON keys --prompt-key, --response-key) or chat "
+                        "(--messages-key: a list of {role, content}, rendered with the tokenizer's chat template): "
+                        "both write PREFIX.lossmask.bin/.idx, 1 on the tokens the loss applies to (responses / "
+                        "assistant turns)")
+    p.add_argument("--prompt-key", default="prompt", help="prompt_response: JSON key of the prompt (default: prompt)")
+    p.add_argument("--response-key", default="response",
+                   help="prompt_response: JSON key of the response (default: response)")
+    p.add_argument("--messages-key", default="messages", help="chat: JSON key of the messages (default: messages)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes (0: in the main process)")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="fraction of documents held out as PREFIX_valid (by text hash)")
     p.add_argument("--shard-size", type=parse_size, default=0, help="tokens per training shard, e.g. 1G (default: one file)")
@@ -70,6 +87,10 @@ def main(argv=None) -> int:
         tokenizer=args.tokenizer,
         output_prefix=args.output_prefix,
         text_key=args.text_key,
+        format=args.format,
+        prompt_key=args.prompt_key,
+        response_key=args.response_key,
+        messages_key=args.messages_key,
         workers=args.workers,
         valid_fraction=args.valid_fraction,
         shard_size=args.shard_size,

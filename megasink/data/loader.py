@@ -175,15 +175,20 @@ class DataLoader:
         return indices
 
     def next_batch(self) -> dict:
-        """The next micro-batch of this rank as int64 CPU tensors [B, seq_len]."""
+        """The next micro-batch of this rank as int64 CPU tensors [B, seq_len]: ``tokens``, ``doc_ids``
+        and ``targets`` (the next tokens; -100 where a loss mask excludes the target)."""
         import torch
 
         samples = [self.dataset[int(i)] for i in self.next_indices()]
         windows = np.stack([s["tokens"] for s in samples])  # (B, seq_len+1)
         doc_ids = np.stack([s["doc_ids"] for s in samples])  # (B, seq_len+1)
+        targets = windows[:, 1:].copy()  # (B, seq_len)
+        if any("loss_mask" in s for s in samples):  # a sample without one (a blended text corpus): all targets
+            mask = np.stack([s.get("loss_mask", np.ones(len(s["tokens"]), np.uint8)) for s in samples])
+            targets[mask[:, 1:] == 0] = -100  # ignored by the loss: prompt tokens of fine-tuning data
         return {
             "tokens": torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
-            "targets": torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
+            "targets": torch.from_numpy(targets),
             "doc_ids": torch.from_numpy(np.ascontiguousarray(doc_ids[:, :-1])),
         }
 

@@ -5,6 +5,8 @@ For an output prefix ``P``::
     P.bin, P.idx                 training documents (no --shard-size)
     P_00000.bin, P_00000.idx...  training shards (with --shard-size)
     P_valid.bin, P_valid.idx     held-out validation documents (--valid-fraction > 0)
+    X.lossmask.bin, X.lossmask.idx   beside every token file X above, for prompt_response / chat
+                                 records: one uint8 per token, 1 where the loss applies (sft.py)
     P.meta.json                  tokenizer, options, counts (written last)
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 import numpy as np
 
 from megasink.data.indexed import IndexedDatasetWriter, bin_path, idx_path
+from megasink.data.sft import loss_mask_prefix
 
 SHARD_DIGITS = 5
 
@@ -52,11 +55,13 @@ def find_shards(prefix: str) -> list[str]:
 
 def existing_outputs(prefix: str) -> list[str]:
     """Files at ``prefix`` that a preprocessing run would write (or has written)."""
-    names = [bin_path(prefix), idx_path(prefix), meta_path(prefix)]
-    names += [bin_path(valid_prefix(prefix)), idx_path(valid_prefix(prefix))]
+    data = [prefix, valid_prefix(prefix)]
+    data += [loss_mask_prefix(p) for p in data]
+    names = [f for p in data for f in (bin_path(p), idx_path(p))] + [meta_path(prefix)]
     found = [p for p in names if os.path.exists(p)]
-    for ext in (".bin", ".idx"):
-        found += sorted(glob.glob(glob.escape(prefix) + "_" + "[0-9]" * SHARD_DIGITS + ext))
+    shards = glob.escape(prefix) + "_" + "[0-9]" * SHARD_DIGITS
+    for ext in (".bin", ".idx", ".lossmask.bin", ".lossmask.idx"):
+        found += sorted(glob.glob(shards + ext))
     return found
 
 
@@ -76,15 +81,23 @@ class ShardedWriter:
 
     ``shard_tokens == 0`` writes one file at ``prefix``; otherwise shards ``prefix_00000``,
     ``prefix_00001``, ... where a shard closes after the document that brings it to
-    ``shard_tokens`` or more (documents are never split).
+    ``shard_tokens`` or more (documents are never split). With ``loss_mask`` every token file X
+    gets its mask X.lossmask (uint8, the same documents).
     """
 
-    def __init__(self, prefix: str, dtype, shard_tokens: int = 0):
+    def __init__(self, prefix: str, dtype, shard_tokens: int = 0, loss_mask: bool = False):
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         self.shard_tokens = int(shard_tokens)
-        first = shard_prefix(prefix, 0) if self.shard_tokens else prefix
-        self.writers = [IndexedDatasetWriter(first, self.dtype)]
+        self.loss_mask = loss_mask
+        self.writers, self.mask_writers = [], []
+        self._open(shard_prefix(prefix, 0) if self.shard_tokens else prefix)
+
+    def _open(self, prefix: str) -> IndexedDatasetWriter:
+        self.writers.append(IndexedDatasetWriter(prefix, self.dtype))
+        if self.loss_mask:
+            self.mask_writers.append(IndexedDatasetWriter(loss_mask_prefix(prefix), np.uint8))
+        return self.writers[-1]
 
     @property
     def prefixes(self) -> list[str]:
@@ -101,10 +114,14 @@ class ShardedWriter:
         """Tokens written over all shards."""
         return sum(w.num_tokens for w in self.writers)
 
-    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents (flat ``tokens``, per-document ``lengths``) in order."""
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, loss_mask=None) -> None:
+        """Append documents (flat ``tokens``, per-document ``lengths``, and with ``loss_mask`` on
+        their flat uint8 masks) in order."""
+        if self.loss_mask != (loss_mask is not None):
+            raise ValueError(f"{self.prefix}: a writer {'with' if self.loss_mask else 'without'} loss masks got "
+                             f"documents {'without' if loss_mask is None else 'with'} one")
         if not self.shard_tokens:
-            self.writers[0].add_documents(tokens, lengths)
+            self._add(0, tokens, lengths, loss_mask)
             return
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)  # (n+1,) token offsets
         np.cumsum(lengths, out=offsets[1:])
@@ -112,33 +129,39 @@ class ShardedWriter:
         while start < len(lengths):
             current = self.writers[-1]
             if current.num_tokens >= self.shard_tokens:
-                current = IndexedDatasetWriter(shard_prefix(self.prefix, len(self.writers)), self.dtype)
-                self.writers.append(current)
+                current = self._open(shard_prefix(self.prefix, len(self.writers)))
             room = self.shard_tokens - current.num_tokens
             # documents start..stop-1 go here; the one that crosses the limit is included
             reach = offsets[start + 1 :] - offsets[start]
             stop = start + min(int(np.searchsorted(reach, room, side="left")) + 1, len(lengths) - start)
-            current.add_documents(tokens[offsets[start] : offsets[stop]], lengths[start:stop])
+            span = slice(offsets[start], offsets[stop])
+            self._add(len(self.writers) - 1, tokens[span], lengths[start:stop],
+                      None if loss_mask is None else loss_mask[span])
             start = stop
+
+    def _add(self, shard: int, tokens, lengths, loss_mask) -> None:
+        self.writers[shard].add_documents(tokens, lengths)
+        if loss_mask is not None:
+            self.mask_writers[shard].add_documents(loss_mask, lengths)
 
     def finalize(self) -> None:
         """Write every shard's .idx (under temporary names)."""
-        for w in self.writers:
+        for w in self.writers + self.mask_writers:
             w.finalize()
 
     def commit(self) -> None:
         """Rename every shard into place."""
-        for w in self.writers:
+        for w in self.writers + self.mask_writers:
             w.commit()
 
     def abort(self) -> None:
         """Delete every shard's temporary files."""
-        for w in self.writers:
+        for w in self.writers + self.mask_writers:
             w.abort()
 
     def output_files(self) -> list[str]:
-        """Final .bin/.idx paths of all shards."""
-        return [f for p in self.prefixes for f in (bin_path(p), idx_path(p))]
+        """Final .bin/.idx paths of all shards (and their masks)."""
+        return [f for w in self.writers + self.mask_writers for f in (bin_path(w.prefix), idx_path(w.prefix))]
 
 
 def commit_outputs(prefix: str, writers: list, meta_text: str, overwrite: bool) -> list[str]:

@@ -12,6 +12,10 @@ the EOS that closes document j has id j, the next token starts document j+1. Doc
 starts come from the ``.idx`` document indices, so files written by Megatron-LM (with or
 without ``--append-eod``, with or without sentence splitting) carry the same boundaries.
 
+When every file X has a loss mask beside it (``X.lossmask``, written for prompt/response and
+chat records, megasink/data/sft.py), each sample also carries ``loss_mask``, uint8
+(seq_len+1,): 1 where the token is a target of the LM loss.
+
 Index memory: one int64 per document (its start in the stream); tokens stay memory-mapped.
 """
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from megasink.data.indexed import IndexedDataset, IndexedFormatError
+from megasink.data.indexed import IndexedDataset, IndexedFormatError, exists
+from megasink.data.sft import loss_mask_prefix
 
 
 def document_starts(ds: IndexedDataset) -> np.ndarray:
@@ -46,7 +51,8 @@ def document_starts(ds: IndexedDataset) -> np.ndarray:
 class PackedDataset:
     """Windows of ``seq_len + 1`` tokens over the documents of ``prefixes`` (in order).
 
-    ``ds[i]`` -> ``{"tokens": int64 (seq_len+1,), "doc_ids": int64 (seq_len+1,)}``.
+    ``ds[i]`` -> ``{"tokens": int64 (seq_len+1,), "doc_ids": int64 (seq_len+1,)}`` and, when the
+    files have loss masks, ``"loss_mask": uint8 (seq_len+1,)``.
     """
 
     def __init__(self, prefixes: list[str], seq_len: int, bytes_per_token: Optional[float] = None, name: str = ""):
@@ -57,6 +63,7 @@ class PackedDataset:
         self.seq_len = seq_len
         self.bytes_per_token = bytes_per_token
         self.files = [IndexedDataset(p) for p in self.prefixes]
+        self.masks = _loss_masks(self.prefixes, self.files)
         totals = np.array([f.num_tokens for f in self.files], dtype=np.int64)
         self.file_offsets = np.zeros(len(self.files) + 1, dtype=np.int64)  # (F+1,) stream offsets
         np.cumsum(totals, out=self.file_offsets[1:])
@@ -69,14 +76,15 @@ class PackedDataset:
     def __len__(self) -> int:
         return self._len
 
-    def _read(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Copy stream positions [start, stop) into ``out`` (crossing file boundaries)."""
+    def _read(self, files: list, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy stream positions [start, stop) of ``files`` (the token files or their masks) into
+        ``out`` (crossing file boundaries)."""
         f = int(np.searchsorted(self.file_offsets, start, side="right")) - 1
         pos = start
         while pos < stop:
             off = int(self.file_offsets[f])
             end = min(stop, int(self.file_offsets[f + 1]))
-            out[pos - start : end - start] = self.files[f].tokens[pos - off : end - off]
+            out[pos - start : end - start] = files[f].tokens[pos - off : end - off]
             pos = end
             f += 1
 
@@ -87,16 +95,38 @@ class PackedDataset:
         start = i * self.seq_len
         stop = start + self.seq_len + 1
         tokens = np.empty(self.seq_len + 1, dtype=np.int64)
-        self._read(start, stop, tokens)
+        self._read(self.files, start, stop, tokens)
         # documents starting strictly inside the window bump the id (repeats: empty documents)
         lo = int(np.searchsorted(self.doc_starts, start, side="right"))
         hi = int(np.searchsorted(self.doc_starts, stop, side="left"))
         marks = np.zeros(self.seq_len + 1, dtype=np.int64)
         marks[self.doc_starts[lo:hi] - start] = 1
-        return {"tokens": tokens, "doc_ids": np.cumsum(marks)}
+        sample = {"tokens": tokens, "doc_ids": np.cumsum(marks)}
+        if self.masks is not None:
+            sample["loss_mask"] = np.empty(self.seq_len + 1, dtype=np.uint8)
+            self._read(self.masks, start, stop, sample["loss_mask"])
+        return sample
 
     def __repr__(self) -> str:
         return f"PackedDataset({self.name!r}, seq_len={self.seq_len}, samples={self._len}, tokens={self.num_tokens})"
+
+
+def _loss_masks(prefixes: list[str], files: list[IndexedDataset]) -> Optional[list[IndexedDataset]]:
+    """The loss masks of ``files`` (each with its documents' lengths), None when they have none;
+    an error when only some have one or a mask does not fit its tokens."""
+    have = [exists(loss_mask_prefix(p)) for p in prefixes]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = [p for p, h in zip(prefixes, have) if not h]
+        raise IndexedFormatError(f"{missing[0]}: no {loss_mask_prefix(missing[0])}.bin/.idx while other files of "
+                                 "the dataset have loss masks: preprocess the whole corpus with the same --format")
+    masks = [IndexedDataset(loss_mask_prefix(p)) for p in prefixes]
+    for p, f, m in zip(prefixes, files, masks):
+        if not np.array_equal(np.asarray(m.sequence_lengths), np.asarray(f.sequence_lengths)):
+            raise IndexedFormatError(f"{loss_mask_prefix(p)}: its documents do not match {p}'s tokens: write them "
+                                     "again with tools/preprocess_data.py")
+    return masks
 
 
 class SyntheticDataset:

@@ -36,6 +36,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from megasink.data.indexed import token_dtype
+from megasink.errors import DataError
 from megasink.data.outputs import (
     OutputExistsError,  # noqa: F401  (re-exported: raised by preprocess())
     ShardedWriter,
@@ -46,7 +47,8 @@ from megasink.data.outputs import (
     valid_prefix,
 )
 from megasink.data.records import SKIP_REASONS, RecordFilter, keep_text, record_fields
-from megasink.data.sources import Chunk, ReadOptions, check_source, expand_inputs, iter_chunks
+from megasink.data.sft import FORMATS, RecordError, RecordFormat, parse_record, prompt_response_documents
+from megasink.data.sources import Chunk, InputError, ReadOptions, check_source, expand_inputs, iter_chunks
 
 
 @dataclass
@@ -79,6 +81,15 @@ class PreprocessConfig:
     """Read at most this many input records (0: all)."""
     split: str = "train"
     """Split to read from a datasets DatasetDict folder."""
+    format: str = "text"
+    """Records: text | prompt_response | chat (JSON lines; the last two write a loss mask beside the
+    tokens, megasink/data/sft.py)."""
+    prompt_key: str = "prompt"
+    """prompt_response: the JSON key of the prompt."""
+    response_key: str = "response"
+    """prompt_response: the JSON key of the response."""
+    messages_key: str = "messages"
+    """chat: the JSON key of the list of {"role", "content"} messages."""
     append_eos: bool = True
     """Append the tokenizer's EOS id to every document."""
     prepend_bos: Optional[bool] = None
@@ -132,6 +143,7 @@ class _WorkerOptions:
     valid_fraction: float
     eos_id: int  # -1: do not append
     bos_id: int  # -1: do not prepend
+    record_format: RecordFormat = RecordFormat()
 
 
 @dataclass
@@ -145,6 +157,7 @@ class ChunkResult:
     read: int
     skipped: Counter
     busy_seconds: float = 0.0  # worker wall time spent in process_chunk
+    loss_mask: Optional[np.ndarray] = None  # (sum(lengths),) uint8 for prompt_response / chat
 
 
 def _init_worker(spec: tuple, opts: _WorkerOptions, in_pool: bool = True) -> None:
@@ -155,6 +168,10 @@ def _init_worker(spec: tuple, opts: _WorkerOptions, in_pool: bool = True) -> Non
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["encode"] = open_worker_encoder(spec)
     _WORKER["opts"] = opts
+    if opts is not None and opts.record_format.kind == "chat":  # the template renders messages: transformers here
+        from megasink.data.sft import ChatRenderer
+
+        _WORKER["chat"] = ChatRenderer(opts.record_format.tokenizer, opts.eos_id if opts.eos_id >= 0 else None)
 
 
 def is_valid_document(raw: bytes, valid_fraction: float) -> bool:
@@ -170,6 +187,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     start = time.perf_counter()
     chunk = chunk.as_lists()
     opts = _WORKER["opts"]
+    if opts.record_format.masked:
+        return _masked_chunk(chunk, opts, start)
     skipped: Counter = Counter()
     texts, raws = [], []
     for i in range(len(chunk.records)):
@@ -194,6 +213,56 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         tokens, lengths, np.asarray(nbytes, dtype=np.int64), np.asarray(valid, dtype=bool), len(chunk.records), skipped,
         time.perf_counter() - start,
     )
+
+
+def _masked_chunk(chunk: Chunk, opts: _WorkerOptions, start: float) -> ChunkResult:
+    """process_chunk for prompt_response / chat records: documents and their loss masks."""
+    fmt, skipped = opts.record_format, Counter()
+    items, raws = [], []
+    for line in chunk.records:
+        try:
+            items.append(parse_record(line, fmt))
+        except UnicodeDecodeError:
+            skipped["invalid_utf8"] += 1
+            continue
+        except RecordError:
+            skipped["invalid_record"] += 1
+            continue
+        except ValueError:
+            skipped["invalid_json"] += 1
+            continue
+        raws.append(line if isinstance(line, bytes) else line.encode("utf-8"))
+    if fmt.kind == "prompt_response":
+        bos, eos = (x if x >= 0 else None for x in (opts.bos_id, opts.eos_id))
+        docs = prompt_response_documents(items, _WORKER["encode"], bos, eos) if items else []
+    else:
+        docs = [_render_chat(messages) for messages in items]
+    parts, masks, lengths, nbytes, valid = [], [], [], [], []
+    for raw, item, (ids, mask) in zip(raws, items, docs):
+        if len(ids) < max(opts.min_tokens, 1):
+            skipped["too_few_tokens"] += 1
+            continue
+        parts.append(ids)
+        masks.append(mask)
+        lengths.append(len(ids))
+        text = item if fmt.kind == "prompt_response" else [m["content"] for m in item]
+        nbytes.append(sum(len(t.encode("utf-8")) for t in text))
+        valid.append(is_valid_document(raw, opts.valid_fraction))
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = int(lengths.sum())
+    return ChunkResult(
+        np.fromiter(chain.from_iterable(parts), dtype=opts.dtype, count=n), lengths,
+        np.asarray(nbytes, dtype=np.int64), np.asarray(valid, dtype=bool), len(chunk.records), skipped,
+        time.perf_counter() - start, np.fromiter(chain.from_iterable(masks), dtype=np.uint8, count=n),
+    )
+
+
+def _render_chat(messages: list) -> tuple[list[int], list[int]]:
+    try:
+        return _WORKER["chat"](messages)
+    except RecordError as e:  # the template's, not the record's: every record would fail
+        first = " ".join(messages[0]["content"].split())[:60]
+        raise DataError(f"chat record starting {first!r}: {e}") from e
 
 
 def _run_chunks(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iterator[ChunkResult]:
@@ -227,6 +296,8 @@ def _run_chunks(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iter
 
 
 def _check_config(cfg: PreprocessConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r} is not one of {', '.join(FORMATS)}")
     if not 0.0 <= cfg.valid_fraction < 1.0:
         raise ValueError(f"valid_fraction={cfg.valid_fraction} must be in [0, 1)")
     for key in ("workers", "shard_size", "min_chars", "min_tokens", "max_docs"):
@@ -244,8 +315,13 @@ def _worker_options(cfg: PreprocessConfig, tok, dtype: np.dtype) -> _WorkerOptio
         min_tokens=cfg.min_tokens,
         valid_fraction=cfg.valid_fraction,
         eos_id=-1 if eos is None else eos,
-        bos_id=-1 if bos is None else bos,
+        bos_id=-1 if bos is None or cfg.format == "chat" else bos,  # chat: the template frames it
+        record_format=record_format(cfg),
     )
+
+
+def record_format(cfg: PreprocessConfig) -> RecordFormat:
+    return RecordFormat(cfg.format, cfg.prompt_key, cfg.response_key, cfg.messages_key, cfg.tokenizer)
 
 
 def _write_result(res: ChunkResult, train: ShardedWriter, valid: Optional[ShardedWriter], out: PreprocessResult) -> None:
@@ -260,7 +336,8 @@ def _write_result(res: ChunkResult, train: ShardedWriter, valid: Optional[Sharde
     ):
         if not doc_mask.any():
             continue
-        writer.add_documents(res.tokens[tok_mask], res.lengths[doc_mask])
+        loss_mask = None if res.loss_mask is None else res.loss_mask[tok_mask]
+        writer.add_documents(res.tokens[tok_mask], res.lengths[doc_mask], loss_mask)
         split.documents += int(doc_mask.sum())
         split.tokens += int(res.lengths[doc_mask].sum())
         split.bytes += int(res.nbytes[doc_mask].sum())
@@ -271,6 +348,11 @@ def _meta(cfg: PreprocessConfig, tok: dict, opts: _WorkerOptions, sources, write
     options = {k: v for k, v in asdict(cfg).items() if k not in ("output_prefix", "workers", "progress", "overwrite", "chunk_docs")}
     options["prepend_bos"] = opts.bos_id >= 0  # as resolved (None: as the tokenizer does)
     framing = " + ".join(["BOS"] * (opts.bos_id >= 0) + ["the text's tokens"] + ["EOS"] * (opts.eos_id >= 0))
+    if cfg.format != "text":
+        framing = {"prompt_response": framing.replace("the text's tokens", "prompt + response"),
+                   "chat": "the chat template's rendering + EOS unless it ends with it"}[cfg.format]
+        framing += ("; PREFIX.lossmask.bin/.idx hold one uint8 per token, 1 where the loss applies (" +
+                    ("the response and its EOS" if cfg.format == "prompt_response" else "the assistant turns") + ")")
     splits = {}
     for name, stats, writer in (("train", out.train, writers[0]), ("valid", out.valid, writers[1])):
         if writer is None:
@@ -284,6 +366,8 @@ def _meta(cfg: PreprocessConfig, tok: dict, opts: _WorkerOptions, sources, write
         }
     meta = {
         "format": "megatron-indexed-v1",
+        "records": cfg.format,
+        "loss_mask": cfg.format != "text",
         "dtype": opts.dtype,
         "tokenizer": tok,
         "inputs": [s.path for s in sources],
@@ -307,8 +391,12 @@ def _progress(cfg: PreprocessConfig, total: Optional[int]):
 def _open_inputs(cfg: PreprocessConfig) -> tuple[list, ReadOptions, Optional[int]]:
     """(sources, read options, records to read when cheaply known): fails early on bad inputs."""
     sources = expand_inputs(cfg.inputs)
+    fmt = record_format(cfg)
+    if fmt.masked and any(s.kind != "jsonl" for s in sources):
+        raise InputError(f"--format {cfg.format} reads JSON lines (.jsonl, .json, .gz, .zst); got "
+                         f"{', '.join(s.path for s in sources if s.kind != 'jsonl')}")
     read_opts = ReadOptions(
-        text_key=cfg.text_key,
+        text_key=fmt.required_key() if fmt.masked else cfg.text_key,
         need_int_score=cfg.min_int_score is not None,
         need_score=cfg.min_score is not None,
         split=cfg.split,
@@ -345,12 +433,17 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     check_output_prefix(cfg.output_prefix, cfg.overwrite)
     sources, read_opts, total = _open_inputs(cfg)
     tok = load_tokenizer(cfg.tokenizer)
+    if cfg.format == "chat":  # refuse a tokenizer without a chat template before any worker starts
+        from megasink.data.sft import ChatRenderer
+
+        ChatRenderer(cfg.tokenizer, None)
     dtype = token_dtype(tok.vocab_size)
     opts = _worker_options(cfg, tok, dtype)
     out = PreprocessResult()
     new_dirs = new_parent_dirs(cfg.output_prefix)
-    train = ShardedWriter(cfg.output_prefix, dtype, cfg.shard_size)
-    valid = ShardedWriter(valid_prefix(cfg.output_prefix), dtype) if cfg.valid_fraction > 0 else None
+    masked = opts.record_format.masked
+    train = ShardedWriter(cfg.output_prefix, dtype, cfg.shard_size, loss_mask=masked)
+    valid = ShardedWriter(valid_prefix(cfg.output_prefix), dtype, loss_mask=masked) if cfg.valid_fraction > 0 else None
     writers = [w for w in (train, valid) if w is not None]
     bar = _progress(cfg, total)
     try:

@@ -26,6 +26,7 @@ SKIP_REASONS = (
     "low_score",
     "too_short",
     "too_few_tokens",  # counted by the preprocessor after encoding
+    "invalid_record",  # prompt_response / chat: the fields are missing or of the wrong type
 )
 
 

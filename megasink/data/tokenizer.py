@@ -248,7 +248,7 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str | os.PathLike):
         self._identify("huggingface", str(path))
-        tok = _auto_tokenizer(Path(path))
+        tok = auto_tokenizer(Path(path))
         self._tok, self._backend = tok, tok.backend_tokenizer
         self._split_special = bool(getattr(tok, "split_special_tokens", False))
         _plain_backend(self._backend, self._split_special)
@@ -276,7 +276,7 @@ class HFTokenizer(Tokenizer):
         return ("tokenizers", path, _file_sha256(Path(path)), self._split_special)
 
 
-def _auto_tokenizer(path: Path):
+def auto_tokenizer(path: Path):
     """transformers' AutoTokenizer on local files, never running the directory's code; fast only."""
     try:
         from transformers import AutoTokenizer

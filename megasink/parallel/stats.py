@@ -33,12 +33,13 @@ def globalize(sums: torch.Tensor, count: torch.Tensor, dims: ParallelDims) -> tu
 
 
 def global_target_count(batches: list, dims: ParallelDims) -> torch.Tensor:
-    """() the number of target tokens (targets != -100) in the step's global batch: all
-    micro-batches of every data-parallel rank."""
+    """() the number of target tokens (targets != -100: with loss masks, the response tokens) in
+    the step's global batch, all micro-batches of every data-parallel rank; at least 1 (a batch
+    of prompts only has a zero loss, not a 0/0)."""
     n = sum((b["targets"] != -100).sum() for b in batches).to(torch.float64).reshape(1)
     if dims.dp > 1:
         dist.all_reduce(n, group=dims.group("dp"))
-    return n[0]
+    return n[0].clamp_min(1.0)
 
 
 @dataclass(frozen=True)
