@@ -110,3 +110,24 @@ def test_shared_heads_both_forms_need_two_routed_heads(tmp_path):
     assert load_config("configs/tiny-sink.yaml", base + [f"aux_loss.shared_heads={good}"])
     with pytest.raises(ConfigError, match=r"aux_loss.shared_heads: .*bad\.json.*layer\(s\) \[1\].*at least 2 routed"):
         load_config("configs/tiny-sink.yaml", base + [f"aux_loss.shared_heads={bad}"])
+
+
+def test_llama3_8b_finetune_configs_describe_llama_3_1_8b():
+    """configs/finetune-llama3-8b-*.yaml: Llama 3.1 8B's shape (8.03 B parameters, the count
+    slurm/README.md's memory arithmetic uses), valid on 8 ranks as ZeRO-3 and as tp 8."""
+    import torch
+
+    import megasink
+    from megasink.parallel.dims import ParallelDims
+
+    for variant, extra in (("sink", 1024), ("gated", 32 * 32 * 4096 + 32 * 32)):
+        cfg = load_config(f"configs/finetune-llama3-8b-{variant}.yaml")
+        m = cfg.model
+        assert (m.rope_scaling, m.rope_factor, m.rope_theta, m.vocab_size) == ("llama3", 8.0, 500000.0, 128256)
+        assert cfg.aux_loss.coef == 1e-2 and cfg.train.precision == "bf16" and cfg.train.activation_checkpointing
+        with torch.device("meta"):
+            n = sum(p.numel() for p in megasink.build_model(m).parameters())
+        assert n == 8_030_261_248 + extra
+        assert ParallelDims.from_config(cfg, 8).dp == 8
+        tp8 = load_config(f"configs/finetune-llama3-8b-{variant}.yaml", ["parallel.tp=8", "parallel.zero_stage=1"])
+        assert ParallelDims.from_config(tp8, 8).tp == 8
