@@ -168,16 +168,14 @@ class Trainer:
         acc.aux = acc.aux + value / A
         return stats.attach_aux_grad(loss, out.gate_sums, grad, self.dims, self.scales.injected_grad / A)
 
-    def _step_values(self, lm_sum, n_targets: torch.Tensor, aux: torch.Tensor, zero0: bool):
-        """(LM loss: the mean over the global batch's target tokens, aux loss, gradient norm before
-        clipping when ``zero0`` (ZeRO-0; DeepSpeed reports it otherwise), else None), brought to the
-        host in one sync."""
-        lm = torch.as_tensor(lm_sum, device=self.dims.device).detach().to(torch.float64).reshape(1).clone()
-        if self.dims.dp > 1:
-            dist.all_reduce(lm, group=self.dims.group("dp"))
-        norm = self._grad_norm_zero0() if zero0 else torch.full((), float("nan"), device=self.dims.device)
-        loss, aux_value, grad_norm = torch.stack([lm[0] / n_targets, aux.double(), norm.double()]).tolist()
-        return loss, aux_value, grad_norm if zero0 else None
+    def _step_values(self, lm_sum, n_targets: torch.Tensor, aux: torch.Tensor, with_norm: bool):
+        """(LM loss: the mean over the global batch's target tokens, aux loss, and with ``with_norm``
+        the gradient norm before clipping (ZeRO-0: DeepSpeed reports it otherwise), else None),
+        brought to the host in one sync."""
+        norm = self._grad_norm_zero0() if with_norm else torch.full((), float("nan"), device=self.dims.device)
+        values = [self._dp_sum(lm_sum) / n_targets, aux.double(), norm.double()]
+        loss, aux_value, grad_norm = torch.stack(values).tolist()
+        return loss, aux_value, grad_norm if with_norm else None
 
     def _grad_norm_zero0(self) -> torch.Tensor:
         """() global L2 norm of the (data-parallel averaged) gradients, before clipping; each
@@ -190,12 +188,16 @@ class Trainer:
             dist.all_reduce(sq, group=self.dims.group("mp"))
         return sq[0].sqrt()
 
-    def _global_mean(self, local_sum, count: torch.Tensor) -> float:
-        """(sum over the data-parallel group of a per-rank sum) / count: one host sync."""
+    def _dp_sum(self, local_sum) -> torch.Tensor:
+        """() fp64 sum of a per-rank scalar over the data-parallel group (no host sync)."""
         v = torch.as_tensor(local_sum, device=self.dims.device).detach().to(torch.float64).reshape(1).clone()
         if self.dims.dp > 1:
             dist.all_reduce(v, group=self.dims.group("dp"))
-        return (v[0] / count).item()
+        return v[0]
+
+    def _global_mean(self, local_sum, count: torch.Tensor) -> float:
+        """(sum over the data-parallel group of a per-rank sum) / count: one host sync."""
+        return (self._dp_sum(local_sum) / count).item()
 
     # ------------------------------------------------------------------ evaluation
     def _valid_batches(self) -> list:
