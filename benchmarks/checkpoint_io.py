@@ -31,6 +31,7 @@ ratios are per round, median over rounds (benchmarks/common.py's protocol).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -166,6 +167,8 @@ def worker(rank, world, port, args, out_dir, base):
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(rec, f)
     dist.barrier()
+    del engine, pm, named  # the engine goes before the process groups it holds
+    gc.collect()
     dist.destroy_process_group()
 
 

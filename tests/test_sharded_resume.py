@@ -1,6 +1,7 @@
 """Sharded checkpoints across layouts in the real trainer: a checkpoint written by one (tp, pp, dp,
 ZeRO) layout, loaded by another and saved again, holds bit-identical weights and AdamW moments;
 training resumed in another layout continues the run; the unsharded format still loads."""
+import gc
 import json
 from pathlib import Path
 
@@ -40,7 +41,10 @@ def reload_worker(rank, world_size, config, overrides, ckpt_dir, sharded):
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         trainer = build_everything(cfg, dims, Path(ckpt_dir))
         trainer.resume(Path(ckpt_dir))
-        return str(trainer.save())
+        saved = str(trainer.save())
+        del trainer  # as in train.main.run: the engine is gone before the process groups are
+        gc.collect()
+        return saved
     finally:
         teardown_distributed()
 
