@@ -74,7 +74,8 @@ def _min_lr_above_lr(tmp):
 
 
 def _missing_tokenizer(tmp):
-    return [f"data.tokenizer={tmp / 'no.model'}"], f"data.tokenizer={tmp / 'no.model'} does not exist"
+    p = _corpus(tmp / "c")
+    return [f"data.path=[{p}]", f"data.tokenizer={tmp / 'no.model'}"], f"data.tokenizer={tmp / 'no.model'} does not exist"
 
 
 CASES = {"truncated_bin": _truncated_bin, "corrupted_idx": _corrupted_idx, "vocab_too_small": _vocab_too_small,

@@ -7,6 +7,7 @@ size, data paths) is checked first, so a bad launch fails by name before any col
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import sys
 from pathlib import Path
@@ -35,13 +36,14 @@ def parse_args(argv):
 
 
 def check_data(cfg: Config, where: str = "<config>") -> None:
-    """Fail early, by name, on data and tokenizer paths that do not exist."""
+    """Fail early, by name, on data and tokenizer paths that do not exist (synthetic data reads
+    no tokenizer: a config's data.tokenizer is not needed for a synthetic smoke run)."""
     from megasink.data import parse_data_paths, resolve_prefix
 
-    for _, prefix in parse_data_paths(cfg.data.path, "data.path"):
-        if prefix != "synthetic":
-            resolve_prefix(prefix, "data.path")  # raises, naming the missing prefix
-    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).exists():
+    prefixes = [prefix for _, prefix in parse_data_paths(cfg.data.path, "data.path") if prefix != "synthetic"]
+    for prefix in prefixes:
+        resolve_prefix(prefix, "data.path")  # raises, naming the missing prefix
+    if prefixes and cfg.data.tokenizer and not Path(cfg.data.tokenizer).exists():
         raise ConfigError(f"{where}: data.tokenizer={cfg.data.tokenizer} does not exist: the tokenizer the data was "
                           "built with (recorded in checkpoints and exports); fix the path or leave it empty")
 
@@ -165,13 +167,24 @@ def run(cfg: Config, where: str = "<config>") -> dict:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         resume_dir = find_resume_dir(cfg)  # collective: the same answer on every rank
-        return build_everything(cfg, dims, resume_dir).run(resume_dir)
+        return _train(cfg, dims, resume_dir)
     except BaseException:
         if created and dims.rank == 0:
             _remove_if_unused(run_dir)
         raise
     finally:
         teardown_distributed()
+
+
+def _train(cfg: Config, dims, resume_dir) -> dict:
+    trainer = build_everything(cfg, dims, resume_dir)
+    try:
+        return trainer.run(resume_dir)
+    finally:
+        # DeepSpeed's engines hold reference cycles: free them (and their use of the process groups)
+        # before the groups are destroyed; otherwise a rank can abort at exit after all its work
+        del trainer
+        gc.collect()
 
 
 def _remove_if_unused(run_dir: Path) -> None:
