@@ -338,3 +338,17 @@ def test_source_model_features_compile_to_eager_gradients(feature, variant):
     assert eager.keys() == compiled.keys()
     for n, g in eager.items():
         assert (g - compiled[n]).norm() <= 1e-5 * g.norm() + 1e-12, n
+
+
+def test_gate_statistics_without_logits(variant):
+    """forward(logits=False): the same gate sums and count, no output layer (B x T x V) computed."""
+    cfg = small_model_cfg(variant)
+    model = build_seeded(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    calls = []
+    model.output.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        full = model(tokens, packed_doc_ids(2, cfg.seq_len))
+        stats_only = model(tokens, packed_doc_ids(2, cfg.seq_len), logits=False)
+    assert stats_only.logits is None and len(calls) == 1
+    assert torch.equal(full.gate_sums, stats_only.gate_sums) and torch.equal(full.gate_count, stats_only.gate_count)

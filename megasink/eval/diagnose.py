@@ -75,7 +75,7 @@ def _batch_gate_sums(model, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
     """tokens (B, T) -> (gate sums (L, H), counted tokens) by the model's own forward."""
     if isinstance(model, HFEagerGates):
         return model.gate_sums(tokens)
-    out = model(tokens)
+    out = model(tokens, logits=False)  # the output layer (tokens x vocabulary) is not needed
     if out.gate_sums is None or not torch.isfinite(out.gate_sums).all():
         raise ValueError("the model's forward gave no finite gate sums (weights with NaN or inf?)")
     return out.gate_sums, int(out.gate_count)

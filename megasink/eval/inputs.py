@@ -268,5 +268,6 @@ def add_forward_args(p: argparse.ArgumentParser, num_samples: int) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="model weights dtype; auto: bfloat16 on CUDA (varlen's types), float32 elsewhere")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="tokens per forward pass (its logits take max-batch-tokens x vocabulary floats)")
+                   help="tokens per forward pass (ablation's logits take max-batch-tokens x vocabulary floats; "
+                        "diagnosis computes none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")

@@ -30,7 +30,7 @@ from megasink.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V) (the vocabulary shard under tensor parallelism)
+    logits: Optional[torch.Tensor]  # (B, T, V) (the vocabulary shard under tensor parallelism); None if not asked
     loss: Optional[torch.Tensor]  # LM cross-entropy (mean over target tokens), if targets given
     aux_loss: torch.Tensor  # coef * sum_l CV^2 of this batch's importance (0 without the aux loss)
     importance: Optional[torch.Tensor]  # (L, H) this batch's per-head importance; None if not measured
@@ -150,20 +150,24 @@ class Transformer(nn.Module):
         return ~self.shared_heads
 
     def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None, *, measure: bool = True) -> ModelOutput:
+                targets: Optional[torch.Tensor] = None, *, measure: bool = True,
+                logits: bool = True) -> ModelOutput:
         """tokens (B, T) -> ModelOutput. ``measure=False``: vanilla gates are computed only where
         the aux loss differentiates them (no importance then); sink and gated gates always are.
+        ``logits=False``: only the gate statistics are wanted (head diagnosis, the trainer's
+        statistics pass): the output layer, B x T x V, is not computed (``.logits`` is None).
         With a vocabulary-sharded output (tensor parallelism) the LM loss is the caller's
-        (megasink/parallel/stats.py), and importance needs the heads gathered first."""
+        (megasink.parallel.tensor.cross_entropy_sum), and importance needs the heads gathered first."""
         seq = SeqInfo.build(tokens, doc_ids)
         h, sums, count = self.run_layers(self.tok_embeddings(tokens), seq, measure)  # (B, T, d)
-        logits = self.output(self.norm(h))  # (B, T, V)
+        out = self.output(self.norm(h)) if logits or targets is not None else None  # (B, T, V)
         loss = None
         if targets is not None:
-            if logits.shape[-1] != self.cfg.vocab_size:
-                raise ValueError(f"logits cover {logits.shape[-1]} of {self.cfg.vocab_size} vocabulary entries "
-                                 "(a tensor-parallel shard): compute the loss with megasink.parallel.stats")
-            loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
+            if out.shape[-1] != self.cfg.vocab_size:
+                raise ValueError(f"logits cover {out.shape[-1]} of {self.cfg.vocab_size} vocabulary entries "
+                                 "(a tensor-parallel shard): compute the loss with "
+                                 "megasink.parallel.tensor.cross_entropy_sum")
+            loss = cross_entropy(out.flatten(0, 1), targets.flatten())
         imp = None
         if sums is not None and sums.shape[1] == self.cfg.n_heads:  # every head here (no TP shard)
             imp = imp_lib.importance(sums, count)
@@ -171,4 +175,4 @@ class Transformer(nn.Module):
             aux = imp_lib.aux_loss(imp, self.routed_mask(), self.aux_cfg.coef, self.aux_cfg.scale_by_heads)
         else:  # a constant: no zero gradients sent back into every gate
             aux = torch.zeros((), dtype=h.dtype if h.is_floating_point() else torch.float32, device=h.device)
-        return ModelOutput(logits, loss, aux, imp, sums, count)
+        return ModelOutput(out, loss, aux, imp, sums, count)

@@ -109,7 +109,7 @@ class Trainer:
         """Global (L, H) gate sums and count over all micro-batches of the step."""
         sums, count = 0.0, 0.0
         for b in batches:
-            out = self.engine(b["tokens"], b["doc_ids"])
+            out = self.engine(b["tokens"], b["doc_ids"], logits=False)  # gate statistics only
             sums, count = sums + out.gate_sums, count + out.gate_count
         return stats.globalize(sums, count, self.dims)
 
