@@ -256,10 +256,7 @@ def write_checkpoint_dir(target: Path, cfg: Config, model_sd: dict, optim_sd: Op
         save_tensors(tmp / "optim.safetensors", optim_sd)
     if state is not None:
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
-    save_tokenizer(tokenizer, tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    save_tokenizer(tokenizer, tmp)  # every file above is fsynced by its writer
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -274,7 +271,9 @@ def save_tokenizer(tokenizer: Optional[str], ckpt_dir: Path) -> None:
     if tokenizer and Path(tokenizer).exists():
         from megasink.data.tokenizer import copy_tokenizer
 
-        copy_tokenizer(tokenizer, ckpt_dir)
+        for name in copy_tokenizer(tokenizer, ckpt_dir):  # durable before the directory is renamed
+            with open(ckpt_dir / name, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def update_latest(ckpt_root: Path, name: str) -> None:
@@ -319,9 +318,17 @@ def load_full_model(path: str | os.PathLike, map_location: str = "cpu"):
     ckpt = resolve_checkpoint_dir(path)
     cfg = load_config(ckpt / "config.yaml")
     model = Transformer(cfg.model, cfg.aux_loss)
-    own = model.state_dict()
-    with CheckpointReader(ckpt) as reader, torch.no_grad():
-        reader.check_model(own, cfg.model.tie_embeddings)
-        for name in reader.names():
-            own[name].copy_(reader.read_full(name))
+    read_model_into(model, ckpt)
     return model.to(map_location), cfg
+
+
+def read_model_into(model: torch.nn.Module, ckpt: Path, ignore: tuple = ()) -> None:
+    """Copy checkpoint ``ckpt``'s model tensors into ``model`` (same architecture: checked by name and
+    shape first, CheckpointError otherwise), one tensor at a time: the whole state is never held
+    beside the model. ``ignore``: names left as the model has them."""
+    own = model.state_dict()  # shares the parameters' storage
+    with CheckpointReader(ckpt) as reader, torch.no_grad():
+        reader.check_model(own, model.cfg.tie_embeddings, ignore)
+        for name in reader.names():
+            if name not in ignore:
+                own[name].copy_(reader.read_full(name))

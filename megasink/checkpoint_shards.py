@@ -335,10 +335,12 @@ class CheckpointReader:
     def model_tensors(self) -> "LazyTensors":
         return LazyTensors(self)
 
-    def check_model(self, expected: Mapping, tied: bool) -> None:
+    def check_model(self, expected: Mapping, tied: bool, ignore: tuple = ()) -> None:
         """Raise CheckpointError unless the model tensors have exactly the names and shapes of
-        ``expected`` (a state_dict; meta tensors will do); a tied output.weight may be absent."""
-        names = set(self.names())
+        ``expected`` (a state_dict; meta tensors will do); a tied output.weight may be absent;
+        names in ``ignore`` are not compared."""
+        names = set(self.names()) - set(ignore)
+        expected = {k: v for k, v in expected.items() if k not in ignore}
         allowed = {"output.weight"} if tied else set()
         missing = [k for k in expected if k not in names and k not in allowed]
         unexpected = sorted(names - set(expected))

@@ -86,26 +86,15 @@ def setup_shared_heads(model, cfg: Config, dims, train_ds) -> None:
 
 def load_initial_weights(model, cfg: Config) -> None:
     """Fine-tuning: copy a checkpoint's weights into the freshly built model (same architecture),
-    one tensor at a time (an 8B checkpoint is never held whole beside the model)."""
-    from megasink.checkpoint import CheckpointError, CheckpointReader, LazyTensors, resolve_checkpoint_dir
+    one tensor at a time; its shared heads are not taken (fine-tuning measures or reads its own)."""
+    from megasink.checkpoint import CheckpointError, read_model_into, resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(cfg.train.init_from)
-    own = model.state_dict()
-    with CheckpointReader(ckpt) as reader:
-        saved = LazyTensors(reader)
-        shapes = {k: v.shape for k, v in saved.meta().items() if k != "shared_heads"}  # fine-tuning sets its own
-        missing = [k for k in own if k not in shapes and k != "shared_heads"
-                   and not (k == "output.weight" and cfg.model.tie_embeddings)]
-        bad = [f"{k}: {tuple(v)} vs model {tuple(own[k].shape)}" for k, v in shapes.items() if k in own
-               and v != own[k].shape]
-        unexpected = [k for k in shapes if k not in own]
-        if missing or bad or unexpected:
-            raise CheckpointError(f"train.init_from={ckpt}: does not match the model config "
-                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {bad[:5]}); "
-                                  "the model section must be the checkpoint's")
-        with torch.no_grad():
-            for name in shapes:
-                own[name].copy_(saved[name])  # state_dict() tensors share the parameters' storage
+    try:
+        read_model_into(model, ckpt, ignore=("shared_heads",))
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from={ckpt}: does not match the model config ({e}); the model section "
+                              "must be the checkpoint's") from e
     _rank0_print(f"[megasink] initial weights from {ckpt}")
 
 

@@ -17,6 +17,7 @@ pipeline stage), kept for comparison (benchmarks/checkpoint_io.py).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from megasink.parallel import engine as eng
 from megasink.parallel.dims import ParallelDims
 from megasink.parallel.state_utils import gather_tp_tensor
 from megasink import checkpoint as ckpt
-from megasink.utils import atomic_write_text, fsync_dir
+from megasink.utils import atomic_write_bytes, atomic_write_text, fsync_dir
 
 MOMENTS = ckpt.MOMENTS
 
@@ -72,7 +73,9 @@ def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, stat
         eng.relink_optimizer_states(engine)
     write = _write_shards if sharded else _write_full
     report = write(engine, dims, tmp, stepped, shared_heads if dist.get_rank() == 0 else None)
-    torch.save(_rng_state(), tmp / f"rng_rank{dist.get_rank()}.pt")
+    rng = io.BytesIO()
+    torch.save(_rng_state(), rng)
+    atomic_write_bytes(tmp / f"rng_rank{dist.get_rank()}.pt", rng.getvalue())  # fsynced by the rank that wrote it
     reports = [None] * dims.world_size if dist.get_rank() == 0 else None
     dist.gather_object(report, reports, dst=0)  # every rank's files are written and fsynced
     if dist.get_rank() == 0:
@@ -81,10 +84,7 @@ def save_training_state(engine, cfg: Config, dims: ParallelDims, step: int, stat
                  "world_size": dims.world_size, "layout": layout}
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
         save_config(cfg, tmp / "config.yaml")
-        ckpt.save_tokenizer(cfg.data.tokenizer, tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        ckpt.save_tokenizer(cfg.data.tokenizer, tmp)  # each file fsynced by its writer, on its own node
         if sharded:  # last: the manifest marks the checkpoint complete
             manifest = ckpt.build_manifest(reports, step, layout)
             atomic_write_text(tmp / ckpt.MANIFEST, json.dumps(manifest, separators=(",", ":")))
