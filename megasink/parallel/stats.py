@@ -32,14 +32,19 @@ def globalize(sums: torch.Tensor, count: torch.Tensor, dims: ParallelDims) -> tu
     return sums, count[0]
 
 
+def dp_sum(value, dims: ParallelDims) -> torch.Tensor:
+    """() fp64 sum of a per-rank scalar over the data-parallel group (on the rank's device, no host sync)."""
+    v = torch.as_tensor(value, device=dims.device).detach().to(torch.float64).reshape(1).clone()
+    if dims.dp > 1:
+        dist.all_reduce(v, group=dims.group("dp"))
+    return v[0]
+
+
 def global_target_count(batches: list, dims: ParallelDims) -> torch.Tensor:
     """() the number of target tokens (targets != -100: with loss masks, the response tokens) in
     the step's global batch, all micro-batches of every data-parallel rank; at least 1 (a batch
     of prompts only has a zero loss, not a 0/0)."""
-    n = sum((b["targets"] != -100).sum() for b in batches).to(torch.float64).reshape(1)
-    if dims.dp > 1:
-        dist.all_reduce(n, group=dims.group("dp"))
-    return n[0].clamp_min(1.0)
+    return dp_sum(sum((b["targets"] != -100).sum() for b in batches), dims).clamp_min(1.0)
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,8 @@ class PipelineTrainer(Trainer):
         if self.valid_ds is None:
             return {}
         batches = self._valid_batches()
-        # eval_batch averages over its micro-batches and the dp ranks: weight each micro-batch's
-        # sum by (micro-batches * dp) / the global target count for the token mean
-        weight = len(batches) * self.dims.dp / stats.global_target_count(batches, self.dims)
+        # eval_batch averages over its micro-batches and the dp ranks, as train_batch does
+        weight = stats.loss_scales(self.dims, len(batches)).loss_term / stats.global_target_count(batches, self.dims)
         self.pm.stage.mode = "off"
         val_loss = float(self.engine.eval_batch(self._items(batches, weight), num_micro_batches=len(batches)))
         self.engine.train()

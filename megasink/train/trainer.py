@@ -173,7 +173,7 @@ class Trainer:
         the gradient norm before clipping (ZeRO-0: DeepSpeed reports it otherwise), else None),
         brought to the host in one sync."""
         norm = self._grad_norm_zero0() if with_norm else torch.full((), float("nan"), device=self.dims.device)
-        values = [self._dp_sum(lm_sum) / n_targets, aux.double(), norm.double()]
+        values = [stats.dp_sum(lm_sum, self.dims) / n_targets, aux.double(), norm.double()]
         loss, aux_value, grad_norm = torch.stack(values).tolist()
         return loss, aux_value, grad_norm if with_norm else None
 
@@ -188,16 +188,9 @@ class Trainer:
             dist.all_reduce(sq, group=self.dims.group("mp"))
         return sq[0].sqrt()
 
-    def _dp_sum(self, local_sum) -> torch.Tensor:
-        """() fp64 sum of a per-rank scalar over the data-parallel group (no host sync)."""
-        v = torch.as_tensor(local_sum, device=self.dims.device).detach().to(torch.float64).reshape(1).clone()
-        if self.dims.dp > 1:
-            dist.all_reduce(v, group=self.dims.group("dp"))
-        return v[0]
-
     def _global_mean(self, local_sum, count: torch.Tensor) -> float:
         """(sum over the data-parallel group of a per-rank sum) / count: one host sync."""
-        return (self._dp_sum(local_sum) / count).item()
+        return (stats.dp_sum(local_sum, self.dims) / count).item()
 
     # ------------------------------------------------------------------ evaluation
     def _valid_batches(self) -> list:
