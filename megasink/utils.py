@@ -3,7 +3,7 @@
 Every file megasink writes gets the mode a plain ``open()`` would give it under the
 process umask (0644 under umask 022), so teammates on a shared cluster can read exports,
 corpora and checkpoints. Writers that create files with a fixed owner-only mode
-(``tempfile.mkstemp``, safetensors' ``save_file``) go through ``set_default_mode``.
+(``tempfile.mkstemp``) set ``default_file_mode()`` on them.
 """
 from __future__ import annotations
 
@@ -49,11 +49,6 @@ def default_file_mode() -> int:
         umask = os.umask(0o022)  # read it by setting it, then put it back
         os.umask(umask)
     return 0o666 & ~umask
-
-
-def set_default_mode(path: str | os.PathLike) -> None:
-    """Give ``path`` (written by a library that creates owner-only files) the plain-open() mode."""
-    os.chmod(path, default_file_mode())
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -135,6 +135,8 @@ def test_bad_records_are_counted_and_bad_formats_refused(tmp_path):
     out = preprocess(PreprocessConfig(inputs=[src], tokenizer=data_hf_tokenizer("llama3"), format="prompt_response",
                                       output_prefix=str(tmp_path / "bad" / "out"), workers=0, progress=False))
     assert out.train.documents == 5 and out.skipped["invalid_record"] == 2
+    with pytest.raises(ValueError, match="--min-chars filter text documents; --format prompt_response"):
+        _preprocess(tmp_path, PAIRS, data_hf_tokenizer("llama3"), "prompt_response", name="filters", min_chars=10)
     with pytest.raises(TokenizerError, match="has no chat template"):
         _preprocess(tmp_path, CHATS, data_hf_tokenizer("llama3"), "chat", name="notemplate")
     with pytest.raises(TokenizerError, match="needs a Hugging Face tokenizer directory with a chat template"):

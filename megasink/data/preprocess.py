@@ -298,6 +298,11 @@ def _run_chunks(chunks: Iterator[Chunk], workers: int, init_args: tuple) -> Iter
 def _check_config(cfg: PreprocessConfig) -> None:
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r} is not one of {', '.join(FORMATS)}")
+    text_filters = {"min_int_score": cfg.min_int_score, "min_score": cfg.min_score, "min_chars": cfg.min_chars or None}
+    used = [f"--{k.replace('_', '-')}" for k, v in text_filters.items() if v is not None]
+    if cfg.format != "text" and used:
+        raise ValueError(f"{', '.join(used)} filter text documents; --format {cfg.format} records have none "
+                         "(use --min-tokens, which applies to every format)")
     if not 0.0 <= cfg.valid_fraction < 1.0:
         raise ValueError(f"valid_fraction={cfg.valid_fraction} must be in [0, 1)")
     for key in ("workers", "shard_size", "min_chars", "min_tokens", "max_docs"):

@@ -92,13 +92,14 @@ def _is_hf_dir(path) -> bool:
 
 def model_tokenizer(path: str | os.PathLike, tokenizer: Optional[str] = None) -> Optional[str]:
     """``tokenizer`` if given, else the model's own: an HF directory's tokenizer files, or what
-    a checkpoint carries (megasink.hf.tokenizer.find_tokenizer); None if there is none."""
+    a checkpoint carries (megasink.hf.tokenizer.find_tokenizer, the one rule); None if there is none."""
+    from megasink.hf.tokenizer import find_tokenizer
+
     if _is_hf_dir(path):
-        has_hf_tok = any((Path(path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
-        return tokenizer or (str(path) if has_hf_tok else None)
+        found = find_tokenizer(Path(path), "", tokenizer)
+        return str(found) if found else None
     from megasink.checkpoint import resolve_checkpoint_dir
     from megasink.config import load_config
-    from megasink.hf.tokenizer import find_tokenizer
 
     ckpt = resolve_checkpoint_dir(path)
     found = find_tokenizer(ckpt, load_config(ckpt / "config.yaml").data.tokenizer, tokenizer)

@@ -103,9 +103,6 @@ def find_tokenizer(ckpt_dir: Path, data_tokenizer: str = "", explicit: Optional[
     return None
 
 
-find_spm_model = find_tokenizer  # the earlier name (it found only sentencepiece models)
-
-
 def _is_tokenizer(path: Path) -> bool:
     try:
         tokenizer_kind(path)
