@@ -175,7 +175,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass to save memory."""
     compile: bool = False
-    """torch.compile each transformer block (one graph per block, no graph breaks); tp = pp = 1 only."""
+    """torch.compile each transformer block (one graph per block, no graph breaks); tp = pp = 1 and
+    ZeRO 0-2 only."""
     compile_backend: str = "inductor"
     """torch.compile backend for train.compile: inductor (fast kernels) or aot_eager (checks only)."""
     progress: bool = True
@@ -480,6 +481,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: train.compile is supported with parallel.tp=1 and parallel.pp=1 only "
                           f"(got tp={p.tp}, pp={p.pp}): the tensor-parallel collectives and DeepSpeed's pipeline "
                           "stages are not traced; set train.compile=false")
+    if t.compile and p.zero == 3:
+        raise ConfigError(f"{where}: train.compile is supported with parallel.zero_stage 0-2: ZeRO-3 gathers each "
+                          "block's parameters in hooks that a compiled block cannot trace, into buffers whose "
+                          "alignment changes from layer to layer; use parallel.zero_stage=2 or train.compile=false")
     if p.pp > 1 and a.accumulation != "global":
         raise ConfigError(f"{where}: aux_loss.accumulation={a.accumulation!r} is not supported with parallel.pp > 1")
     m = cfg.model

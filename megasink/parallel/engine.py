@@ -23,6 +23,8 @@ from megasink.config import Config
 from megasink.parallel.dims import ParallelDims
 
 NO_DECAY_SUFFIXES = ("sinks", "gate_bias", "bias")
+# 16 bytes of the narrowest training dtype (bf16 / fp16): the alignment compiled kernels assume
+ALIGN_ELEMENTS = 8
 
 
 def import_deepspeed():
@@ -42,13 +44,25 @@ def import_deepspeed():
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay; norms (1-D), biases, sink logits, gate biases do not."""
-    decay, no_decay = [], []
+    """AdamW groups: matrices decay; norms (1-D), biases, sink logits, gate biases do not.
+
+    Every parameter starts on a 16-byte boundary. DeepSpeed flattens each group into one
+    buffer and makes the parameters views into it, so a parameter whose size is not a multiple
+    of 16 bytes (10 heads' sink logits or gate biases: 20 bytes in bf16) shifts every later one
+    off that boundary, by a different amount in each layer. A compiled block's kernels take the
+    alignment of the parameters they were compiled with (one graph serves every layer, and
+    torch checks no parameter's address again) and fault on the others: "CUDA error:
+    misaligned address" on an H200 with bf16 ZeRO-1. Such a parameter gets a group of its own."""
+    decay, no_decay, alone = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        wd = 0.0 if p.dim() < 2 or name.endswith(NO_DECAY_SUFFIXES) else weight_decay
+        if p.numel() % ALIGN_ELEMENTS:
+            alone.append({"params": [p], "weight_decay": wd})
+        else:
+            (decay if wd else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}] + alone
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:

@@ -47,6 +47,8 @@ def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims) -> Para
         module, stage = build_pipeline_module(model, cfg, dims)
         layers = stage.layers
     engine, optimizer, scheduler = build_engine(module, cfg, dims, lr_multiplier(cfg.train))
+    if cfg.train.compile:
+        check_aligned_parameters(model)
     return ParallelModel(engine, optimizer, scheduler, model.shared_heads, layers, stage)
 
 
@@ -57,3 +59,17 @@ def apply_compile(model: torch.nn.Module, backend: str = "inductor") -> None:
     (fullgraph) and a new batch layout (documents per batch) does not recompile it."""
     for block in model.layers.values():
         block.compile(backend=backend, fullgraph=True)
+
+
+def check_aligned_parameters(model: torch.nn.Module, align: int = 16) -> None:
+    """Refuse to run compiled blocks on parameters off a 16-byte boundary. One compiled graph
+    serves every block and its kernels keep the alignment that the first block's parameters had
+    (torch does not check a parameter's address again); a later block's parameter that is off
+    it faults ("CUDA error: misaligned address") or reads the wrong bytes. engine.param_groups
+    lays DeepSpeed's flat buffers out so that none is; this says so if one ever is."""
+    bad = [name for name, p in model.layers.named_parameters() if p.data_ptr() % align]
+    if bad:
+        raise RuntimeError(f"train.compile: {len(bad)} block parameters do not start on a {align}-byte boundary "
+                           f"in the engine's buffers (first: layers.{bad[0]}); compiled kernels would fault on them. "
+                           "Set train.compile=false, or report this with the DeepSpeed version and parallel settings")
+
