@@ -12,9 +12,11 @@ Stages:
            against the same weights in float64 on the CPU with the eager route.
   cli      ``megasink train configs/0.6b-sink.yaml`` on synthetic data: bf16, one GPU, NCCL,
            ZeRO-1, no activation checkpointing, no checkpoint writes, aux loss on, compile off
-           (``--compile`` on), micro-batch from a memory estimate; tokens/s and MFU from metrics.jsonl.
+           (``--compile`` on; ``--no-aux``: aux_loss.coef=0, the baseline of the aux loss's
+           overhead), micro-batch from a memory estimate; tokens/s and MFU from metrics.jsonl.
   hf       HF ``LlamaForCausalLM`` (sdpa, bf16, same dims and batch, one document per row,
            fused AdamW, no compile) against megasink run the same way: tokens/s and their ratio.
+  profile  the same two models under torch.profiler: each one's top ops by device time per step.
 
 ``--dry-run`` runs every stage's logic on the CPU with tiny shapes (the CPU flash route
 stands in for varlen, eager for flex; the CLI on a 2-layer 0.6b-shaped model): tests run it.
@@ -187,15 +189,15 @@ def _free_bytes(device) -> float:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8e9
 
 
-def stage_cli(device, dry: bool, compile_: bool, runs_dir: str) -> dict:
+def stage_cli(device, dry: bool, compile_: bool, runs_dir: str, aux: bool = True) -> dict:
     m = model_config(dry).model
     mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
     steps, log = (4, 2) if dry else (30, 5)
-    run_dir = os.path.join(runs_dir, f"cli-compile-{int(compile_)}")
+    run_dir = os.path.join(runs_dir, f"cli-compile-{int(compile_)}-aux-{int(aux)}")
     args = [sys.executable, "-m", "megasink.train", "configs/0.6b-sink.yaml", "data.path=[synthetic]",
             f"train.steps={steps}", f"train.log_interval={log}", "train.eval_interval=0", "train.save_checkpoints=false",
             "train.activation_checkpointing=false", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
-            "train.warmup_steps=2", "train.progress=false", "parallel.zero_stage=1", "aux_loss.coef=1e-4",
+            "train.warmup_steps=2", "train.progress=false", "parallel.zero_stage=1", f"aux_loss.coef={1e-4 if aux else 0.0}",
             f"train.compile={str(compile_).lower()}", "train.resume=none", f"run_dir={run_dir}",
             f"train.importance_interval={steps}"]
     args += DRY_MODEL + ["train.precision=fp32", "train.compile_backend=aot_eager"] if dry else ["train.precision=bf16"]
@@ -208,7 +210,7 @@ def stage_cli(device, dry: bool, compile_: bool, runs_dir: str) -> dict:
     if os.path.exists(path):
         records = [r for r in map(json.loads, open(path)) if "tokens_per_s" in r]
     steady = records[1:] or records  # the first window holds start-up (and compilation)
-    res = {"compile": compile_, "micro_batch": mb, "seq_len": m.seq_len, "rc": proc.returncode,
+    res = {"compile": compile_, "aux": aux, "micro_batch": mb, "seq_len": m.seq_len, "rc": proc.returncode,
            "wall_s": round(time.time() - t0, 1), "records": len(records),
            "tokens_per_s": _median([r["tokens_per_s"] for r in steady]), "mfu": _median([r["mfu"] for r in steady]),
            "loss_first_last": [records[0]["loss"], records[-1]["loss"]] if records else None,
@@ -245,35 +247,46 @@ def _train_step(model, opt, tokens, forward):
     return step
 
 
-def stage_hf(device, dry: bool) -> dict:
-    """HF Llama vs megasink, same dims, batch, dtype and optimizer; one document per row."""
+def _hf_and_megasink(dry: bool):
+    """(config, [(name, build, loss_fn)]): HF Llama and megasink (sink + aux) of the same dims."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megasink.config import AuxLossConfig
     from megasink.model.transformer import Transformer
-    from megasink.train.metrics import flops_per_token
 
     cfg = model_config(dry)
     m = cfg.model
-    mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
-    dt = torch.float32 if dry else torch.bfloat16
-    tokens = torch.randint(0, m.vocab_size, (mb, m.seq_len + 1), device=device)
-    warm, reps = (1, 2) if dry else (3, 10)
-    fused = device.type == "cuda" or None
     hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
                          num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
                          num_key_value_heads=m.kv_heads, max_position_embeddings=m.seq_len, rms_norm_eps=m.norm_eps,
                          rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa",
                          use_cache=False)
+    return cfg, [
+        ("hf", lambda: LlamaForCausalLM(hf_cfg), lambda mod, t: mod(input_ids=t[:, :-1], labels=t[:, :-1]).loss),
+        ("megasink", lambda: Transformer(m, AuxLossConfig(coef=cfg.aux_loss.coef)),
+         lambda mod, t: (lambda o: o.loss + o.aux_loss)(mod(t[:, :-1], None, targets=t[:, 1:])))]
+
+
+def _built(device, dry: bool, build, mb: int, m):
+    """(model, fused AdamW, tokens) on ``device`` in the check's dtype."""
+    dt = torch.float32 if dry else torch.bfloat16
+    torch.manual_seed(0)
+    model = build().to(device, dt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    return model, opt, torch.randint(0, m.vocab_size, (mb, m.seq_len + 1), device=device)
+
+
+def stage_hf(device, dry: bool) -> dict:
+    """HF Llama vs megasink, same dims, batch, dtype and optimizer; one document per row."""
+    from megasink.train.metrics import flops_per_token
+
+    cfg, models = _hf_and_megasink(dry)
+    m = cfg.model
+    mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
+    warm, reps = (1, 2) if dry else (3, 10)
     res = {"micro_batch": mb, "seq_len": m.seq_len}
-    for name, build, fwd in (
-            ("hf", lambda: LlamaForCausalLM(hf_cfg),
-             lambda mod, t: mod(input_ids=t[:, :-1], labels=t[:, :-1]).loss),
-            ("megasink", lambda: Transformer(m, AuxLossConfig(coef=cfg.aux_loss.coef)),
-             lambda mod, t: (lambda o: o.loss + o.aux_loss)(mod(t[:, :-1], None, targets=t[:, 1:])))):
-        torch.manual_seed(0)
-        model = build().to(device, dt)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    for name, build, fwd in models:
+        model, opt, tokens = _built(device, dry, build, mb, m)
         sec = _time_steps(_train_step(model, opt, tokens, fwd), device, warm, reps)
         res[f"{name}_tokens_per_s"] = mb * m.seq_len / sec
         del model, opt
@@ -288,11 +301,50 @@ def stage_hf(device, dry: bool) -> dict:
     return res
 
 
+def stage_profile(device, dry: bool, top: int = 25) -> dict:
+    """Where a training step's time goes, HF vs megasink (the hf stage's models and batch):
+    torch.profiler over 2 steps after 2 warm-up steps; per model the ``top`` ops by self time on
+    the device (CPU time in a dry run), with call counts, and the step's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, models = _hf_and_megasink(dry)
+    m = cfg.model
+    mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    res = {"micro_batch": mb, "seq_len": m.seq_len, "steps": 2}
+    for name, build, fwd in models:
+        model, opt, tokens = _built(device, dry, build, mb, m)
+        step = _train_step(model, opt, tokens, fwd)
+        for _ in range(2):  # warm-up: allocator, cuBLAS handles, autotuning
+            step()
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+        rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)
+        res[name] = {"total_ms": sum(getattr(e, attr) for e in events) / 1e3 / 2,
+                     "top": [{"op": e.key[:120], "ms_per_step": getattr(e, attr) / 1e3 / 2, "calls": e.count // 2}
+                             for e in rows[:top]]}
+        print(f"{name}: {res[name]['total_ms']:.1f} ms per step ({'device' if cuda else 'CPU'} self time)")
+        for r in res[name]["top"]:
+            print(f"  {r['ms_per_step']:9.2f} ms  {r['calls']:5d}x  {r['op']}")
+        del model, opt, prof
+        if cuda:
+            torch.cuda.empty_cache()
+    res["ok"] = True
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["kernels", "model", "cli", "hf"])
+    ap.add_argument("stage", choices=["kernels", "model", "cli", "hf", "profile"])
     ap.add_argument("--compile", action="store_true", help="cli: train with train.compile=true")
+    ap.add_argument("--no-aux", action="store_true", help="cli: aux_loss.coef=0 (the baseline of its overhead)")
     ap.add_argument("--dry-run", action="store_true", help="the logic on the CPU, tiny shapes")
     ap.add_argument("--out", default="gpu_check", help="folder for <stage>.json")
     ap.add_argument("--runs", default=os.path.join(tempfile.gettempdir(), "megasink-gpu-runs"),
@@ -304,7 +356,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    name = args.stage + ("-compile" if args.compile else "")
+    name = args.stage + ("-compile" if args.compile else "") + ("-noaux" if args.no_aux else "")
     where = dict(stage=args.stage, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  torch=torch.__version__)
 
@@ -320,9 +372,11 @@ def main(argv=None) -> int:
     elif args.stage == "model":
         res = stage_model(device, args.dry_run, emit)
     elif args.stage == "cli":
-        res = stage_cli(device, args.dry_run, args.compile, args.runs)
-    else:
+        res = stage_cli(device, args.dry_run, args.compile, args.runs, aux=not args.no_aux)
+    elif args.stage == "hf":
         res = stage_hf(device, args.dry_run)
+    else:
+        res = stage_profile(device, args.dry_run)
     emit(res)
     print(json.dumps({k: v for k, v in {**res, **where}.items() if k != "cases"}), flush=True)
     return 0 if res.get("ok") else 1

@@ -2,10 +2,12 @@
 # The one-call GPU check for a session lent a device machine (one H200): ~4-5 min in one `run`.
 # Stages in priority order, each under its own time limit (upper bounds: cold CUDA start-up and
 # Triton/inductor compiles), each writing $OUT/<stage>.json as it goes, so a timeout still
-# returns what ran (benchmarks/gpu/check.py says what each does). $OUT gets those five JSON files
+# returns what ran (benchmarks/gpu/check.py says what each does). $OUT gets those seven JSON files
 # and one log, check.log (the GPU line, each stage's output and status): the device tool returns
 # only a few files, so training run directories live under /tmp.
-#   kernels (70 s)  model (60 s)  cli (70 s)  hf (60 s)  cli --compile (120 s)
+#   kernels (70 s)  model (60 s)  cli (70 s)  hf (60 s)  cli --compile (120 s)  cli --no-aux (70 s)
+#   profile (60 s)
+# (measured on an H200, 2026-12-04: 24, 23, 34, 31, 32 s; the compiled run failed then)
 # Before the call, here: bash benchmarks/gpu/fetch_wheels.sh   (DeepSpeed & co. into .whl/)
 #   device run: command "bash benchmarks/gpu/run.sh", carry [".whl"], timeout_s 420
 #   CPU dry run of the same logic (tests do this): bash benchmarks/gpu/run.sh --dry-run
@@ -45,6 +47,8 @@ stage 60 model
 stage 70 cli
 stage 60 hf
 stage 120 cli --compile
+stage 70 cli --no-aux
+stage 60 profile
 grep "^stage " "$LOG"
 rm -rf "$RUNS"
 exit $status
