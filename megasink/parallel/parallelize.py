@@ -72,4 +72,3 @@ def check_aligned_parameters(model: torch.nn.Module, align: int = 16) -> None:
         raise RuntimeError(f"train.compile: {len(bad)} block parameters do not start on a {align}-byte boundary "
                            f"in the engine's buffers (first: layers.{bad[0]}); compiled kernels would fault on them. "
                            "Set train.compile=false, or report this with the DeepSpeed version and parallel settings")
-
