@@ -189,15 +189,21 @@ def _free_bytes(device) -> float:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8e9
 
 
+def _micro_batch(device, dry: bool, m) -> int:
+    """The CLI, hf and profile stages' micro-batch: at most 16, from the memory estimate."""
+    return 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
+
+
 def stage_cli(device, dry: bool, compile_: bool, runs_dir: str, aux: bool = True) -> dict:
     m = model_config(dry).model
-    mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
+    mb = _micro_batch(device, dry, m)
     steps, log = (4, 2) if dry else (30, 5)
     run_dir = os.path.join(runs_dir, f"cli-compile-{int(compile_)}-aux-{int(aux)}")
     args = [sys.executable, "-m", "megasink.train", "configs/0.6b-sink.yaml", "data.path=[synthetic]",
             f"train.steps={steps}", f"train.log_interval={log}", "train.eval_interval=0", "train.save_checkpoints=false",
             "train.activation_checkpointing=false", f"train.micro_batch_size={mb}", f"train.global_batch_size={mb}",
-            "train.warmup_steps=2", "train.progress=false", "parallel.zero_stage=1", f"aux_loss.coef={1e-4 if aux else 0.0}",
+            "train.warmup_steps=2", "train.progress=false", "parallel.zero_stage=1",
+            f"aux_loss.coef={1e-4 if aux else 0.0}",
             f"train.compile={str(compile_).lower()}", "train.resume=none", f"run_dir={run_dir}",
             f"train.importance_interval={steps}"]
     args += DRY_MODEL + ["train.precision=fp32", "train.compile_backend=aot_eager"] if dry else ["train.precision=bf16"]
@@ -282,7 +288,7 @@ def stage_hf(device, dry: bool) -> dict:
 
     cfg, models = _hf_and_megasink(dry)
     m = cfg.model
-    mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
+    mb = _micro_batch(device, dry, m)
     warm, reps = (1, 2) if dry else (3, 10)
     res = {"micro_batch": mb, "seq_len": m.seq_len}
     for name, build, fwd in models:
@@ -301,34 +307,34 @@ def stage_hf(device, dry: bool) -> dict:
     return res
 
 
-def stage_profile(device, dry: bool, top: int = 25) -> dict:
+def stage_profile(device, dry: bool, top: int = 25, steps: int = 2) -> dict:
     """Where a training step's time goes, HF vs megasink (the hf stage's models and batch):
-    torch.profiler over 2 steps after 2 warm-up steps; per model the ``top`` ops by self time on
-    the device (CPU time in a dry run), with call counts, and the step's total."""
+    torch.profiler over ``steps`` steps after as many warm-up steps; per model the ``top`` ops by
+    self time on the device (CPU time in a dry run), with call counts, and the step's total."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg, models = _hf_and_megasink(dry)
     m = cfg.model
-    mb = 2 if dry else min(16, micro_batch_for_memory(m, _free_bytes(device)))
+    mb = _micro_batch(device, dry, m)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    res = {"micro_batch": mb, "seq_len": m.seq_len, "steps": 2}
+    res = {"micro_batch": mb, "seq_len": m.seq_len, "steps": steps}
     for name, build, fwd in models:
         model, opt, tokens = _built(device, dry, build, mb, m)
         step = _train_step(model, opt, tokens, fwd)
-        for _ in range(2):  # warm-up: allocator, cuBLAS handles, autotuning
+        for _ in range(steps):  # warm-up: allocator, cuBLAS handles, autotuning
             step()
         with profile(activities=activities) as prof:
-            for _ in range(2):
+            for _ in range(steps):
                 step()
             if cuda:
                 torch.cuda.synchronize()
         events = prof.key_averages()
         attr = "self_device_time_total" if cuda else "self_cpu_time_total"
         rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)
-        res[name] = {"total_ms": sum(getattr(e, attr) for e in events) / 1e3 / 2,
-                     "top": [{"op": e.key[:120], "ms_per_step": getattr(e, attr) / 1e3 / 2, "calls": e.count // 2}
-                             for e in rows[:top]]}
+        res[name] = {"total_ms": sum(getattr(e, attr) for e in events) / 1e3 / steps,
+                     "top": [{"op": e.key[:120], "ms_per_step": getattr(e, attr) / 1e3 / steps,
+                              "calls": e.count // steps} for e in rows[:top]]}
         print(f"{name}: {res[name]['total_ms']:.1f} ms per step ({'device' if cuda else 'CPU'} self time)")
         for r in res[name]["top"]:
             print(f"  {r['ms_per_step']:9.2f} ms  {r['calls']:5d}x  {r['op']}")
